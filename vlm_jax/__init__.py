@@ -12,12 +12,12 @@ _LAZY = {
 
 
 def __getattr__(name):
-  if name in _LAZY:
+    if name in _LAZY:
     import importlib
 
-    module_name, attr = _LAZY[name]
-    return getattr(importlib.import_module(module_name), attr)
-  raise AttributeError(f"module 'vlm_jax' has no attribute {name!r}")
+        module_name, attr = _LAZY[name]
+        return getattr(importlib.import_module(module_name), attr)
+    raise AttributeError(f"module 'vlm_jax' has no attribute {name!r}")
 
 
 __all__ = ["__version__", *_LAZY]
