@@ -13,7 +13,7 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-    import importlib
+        import importlib
 
         module_name, attr = _LAZY[name]
         return getattr(importlib.import_module(module_name), attr)
