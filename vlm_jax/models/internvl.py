@@ -1,0 +1,120 @@
+"""InternVL: InternViT -> pixel shuffle -> MLP projector -> Qwen2, image embeddings written into <IMG_CONTEXT>.
+
+Legend: N image tiles, P patches per tile, Q = num_image_tokens per tile, B batch, T tokens, D LM width, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from vlm_jax.models import layers
+from vlm_jax.models.config import InternVLConfig
+from vlm_jax.models.intern_vit import InternViT
+from vlm_jax.models.qwen2 import Qwen2
+
+
+@struct.dataclass
+class InternVLOutput:
+    logits: jax.Array  # float[B, T, V]
+    hidden: jax.Array  # float[B, T, D], after the LM's final norm
+
+
+def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
+    """Pixel shuffle v2: float[N, h, w, C] -> float[N, h/f, w/f, f*f*C].
+
+    out[n, r, c, (dr*f + dc)*C + ch] = x[n, f*r + dr, f*c + dc, ch]: row offset slowest, as InternVL's v2.
+    """
+    n, h, w, c = x.shape
+    x = x.reshape(n, h // factor, factor, w // factor, factor, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h // factor, w // factor, factor * factor * c)
+
+
+class Projector(nnx.Module):
+    """mlp1: LayerNorm(eps 1e-5) -> Linear -> exact GELU -> Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm = layers.LayerNorm(in_dim, eps=eps, names=(None,), **kw)
+        self.linear_1 = layers.Dense(in_dim, out_dim, (None, "embed"), **kw)
+        self.linear_2 = layers.Dense(out_dim, out_dim, (None, "embed"), **kw)
+
+    def __call__(self, x):
+        return self.linear_2(layers.gelu(self.linear_1(self.layer_norm(x))))
+
+
+def count_image_tokens(input_ids, image_token_id: int) -> int:
+    return int(np.sum(np.asarray(input_ids) == image_token_id))
+
+
+class InternVL(nnx.Module):
+    """The full vision-language model. Submodule names are stable (freezing regexes and checkpoints use them)."""
+
+    def __init__(self, config: InternVLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.vision_tower = InternViT(config.vision, **kw)
+        shuffled = config.vision.hidden_size * config.shuffle_factor ** 2
+        self.multi_modal_projector = Projector(shuffled, config.text.hidden_size, config.projector_ln_eps, **kw)
+        self.language_model = Qwen2(config.text, **kw)
+        if config.text.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = layers.Dense(config.text.hidden_size, config.text.vocab_size, ("embed", "vocab"),
+                                        use_bias=False, **kw)
+
+    def set_attention_implementation(self, implementation: str | None) -> None:
+        """'map' | 'einsum' | 'xla' | 'cudnn' | None (backend default) for both towers."""
+        self.vision_tower.attention_impl = implementation
+        self.language_model.attention_impl = implementation
+
+    def vision_hidden_states(self, pixel_values: jax.Array) -> jax.Array:
+        """float[N, H, W, 3] -> last ViT layer output float[N, 1 + P, Dv], CLS at index 0."""
+        return self.vision_tower(pixel_values)
+
+    def image_embeddings(self, pixel_values: jax.Array) -> jax.Array:
+        """float[N, H, W, 3] -> float[N, Q, D] (drop CLS, pixel shuffle, project)."""
+        h = self.vision_hidden_states(pixel_values)[:, 1:]
+        n, p, c = h.shape
+        g = self.config.vision.patch_size
+        gh, gw = pixel_values.shape[1] // g, pixel_values.shape[2] // g
+        x = pixel_shuffle(h.reshape(n, gh, gw, c), self.config.shuffle_factor)
+        return self.multi_modal_projector(x.reshape(n, -1, x.shape[-1]))
+
+    def merge_image_embeddings(self, input_ids: jax.Array, image_embeds: jax.Array) -> jax.Array:
+        """Embed int[B, T] and overwrite the <IMG_CONTEXT> positions, in row-major order, by float[N, Q, D].
+
+        The number of <IMG_CONTEXT> tokens must equal N*Q; it is checked here when input_ids is concrete
+        (the public wrapper checks it on the host before its jitted call).
+        """
+        image_token_id = self.config.image_token_id
+        if image_token_id is None:
+            raise ValueError("config.image_token_id is None: pass the id of <IMG_CONTEXT>")
+        embeds = self.language_model.embed(input_ids)
+        flat = image_embeds.reshape(-1, image_embeds.shape[-1]).astype(embeds.dtype)
+        if not isinstance(input_ids, jax.core.Tracer):
+            found = count_image_tokens(input_ids, image_token_id)
+            if found != flat.shape[0]:
+                raise ValueError(f"input_ids hold {found} <IMG_CONTEXT> tokens (id {image_token_id}) but the images "
+                                 f"give {flat.shape[0]} embeddings ({image_embeds.shape[0]} x {image_embeds.shape[1]})")
+        is_img = input_ids == image_token_id
+        idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1  # k-th image token -> row k
+        gathered = jnp.take(flat, jnp.clip(idx, 0, flat.shape[0] - 1), axis=0)
+        return jnp.where(is_img[..., None], gathered, embeds)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float[B, T, D] -> float[B, T, V] via lm_head or the tied embedding."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        emb = self.language_model.embed_tokens[...].astype(hidden.dtype)
+        return jnp.dot(hidden, emb.T)
+
+    def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,
+                 attention_mask: jax.Array | None = None) -> InternVLOutput:
+        """pixel_values float[N, H, W, 3]; input_ids / attention_mask int[B, T] -> InternVLOutput."""
+        embeds = self.merge_image_embeddings(input_ids, self.image_embeddings(pixel_values))
+        hidden, _ = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
+        return InternVLOutput(logits=self.logits(hidden), hidden=hidden)
