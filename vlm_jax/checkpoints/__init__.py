@@ -1,0 +1,1 @@
+"""Checkpoint I/O: Hugging Face safetensors (both InternVL layouts) and converted orbax checkpoints."""
