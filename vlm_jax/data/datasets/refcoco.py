@@ -1,0 +1,155 @@
+"""`refcoco`: RefCOCO-style referring expressions (RefCOCO, RefCOCO+, RefCOCOg), built from JSON files on disk.
+
+The usual distribution ships the refs as a Python pickle (`refs(unc).p`). Pickles can run code when loaded, so this
+builder never reads them: it reads the same refs as JSON. Expected files in `manual_dir`:
+    instances.json   COCO-format annotations: "images" [{"id", "file_name", "width", "height"}],
+                     "annotations" [{"id", "image_id", "bbox": [x, y, w, h] in pixels, "category_id"}],
+                     "categories" [{"id", "name"}]
+    refs.json        (or "refs(unc).json", "refs(umd).json", "refs(google).json") the list of refs:
+                     [{"ref_id", "ann_id", "image_id", "split": "train"|"val"|"test"|"testA"|"testB",
+                       "sentences": [{"sent": "man on the left", "raw": "Man on the left", ...}, ...]}, ...]
+    images/<file_name>  the COCO train2014 images (a `train2014/` folder is also accepted)
+Several distributions of the refs in JSON exist (the refs pickle converted with `json.dump`, or the JSON files of
+the refer toolkit forks); all use the field names above.
+
+Records: one per image and split, holding every sentence of every ref of that image in that split (K varies):
+    captions[k]   the sentence (`sent`, lower-cased and tokenised in the original files; `raw` when absent)
+    boxes[k]      the referred object's box, normalised xyxy (COCO [x, y, w, h] / image size)
+    relations[k]  `relations.relation_from_boxes(referred box, reference box)` when the image has a second
+                  annotated object (any object of instances.json other than the referred one; the one with the
+                  largest box area is the reference, ties broken by the lower annotation id); has_relation is
+                  False and the label 0 otherwise. reference_boxes[k] holds the reference's box.
+Splits: "train", "validation" (refs split "val"), "test", "testA", "testB": those present in refs.json.
+
+Bad records (missing or corrupt image, box outside the image, ref pointing to an unknown annotation): the build
+fails with a ValueError naming the image id and the path, unless `skip_bad_records=True`, which skips and counts
+them (`builder.num_skipped_records`, per split in `builder.info.metadata["skipped_records"]`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from vlm_jax.data import datasets
+from vlm_jax.data.datasets import relations as rel
+
+REF_FILES = ("refs.json", "refs(unc).json", "refs(umd).json", "refs(google).json")
+SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test", "testA": "testA", "testB": "testB"}
+IMAGE_DIRS = ("images", "train2014", "")
+
+
+def _box_xywh_to_xyxy_normalised(bbox, width: int, height: int, what: str) -> list[float]:
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}: expected bbox [x, y, w, h], got {bbox!r}") from e
+    if w <= 0 or h <= 0 or x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+        raise ValueError(f"{what}: bbox {bbox!r} is empty or outside the {width}x{height} image")
+    return [max(0.0, x / width), max(0.0, y / height), min(1.0, (x + w) / width), min(1.0, (y + h) / height)]
+
+
+class RefCoco(datasets.ManualBuilder):
+    """Referring expressions with the referred object's box and a derived spatial relation."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+    # The configs differ only in name (the files in manual_dir decide the content), so that the three datasets
+    # get separate data directories.
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n, description=f"{n} from JSON files")
+                       for n in ("refcoco", "refcocoplus", "refcocog")]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                **datasets.record_features(None),
+                "file_name": tfds.features.Text(),
+                "ref_ids": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+            }),
+            homepage="https://github.com/lichengunc/refer",
+            metadata=self._metadata(),
+        )
+
+    def _split_generators(self, dl_manager):
+        instances = json.loads(self._manual_file(dl_manager, ("instances.json",), "COCO instances").read_text())
+        refs = json.loads(self._manual_file(dl_manager, REF_FILES, "the refs as JSON").read_text())
+        if not isinstance(refs, list):
+            raise ValueError(f"refcoco: the refs file must hold a JSON list of refs, got {type(refs).__name__}")
+        root = epath.Path(dl_manager.manual_dir)
+        images = {int(im["id"]): im for im in instances["images"]}
+        anns = {int(a["id"]): a for a in instances["annotations"]}
+        anns_by_image = collections.defaultdict(list)
+        for a in instances["annotations"]:
+            anns_by_image[int(a["image_id"])].append(a)
+        by_split = collections.defaultdict(lambda: collections.defaultdict(list))
+        for ref in refs:
+            if ref.get("split") not in SPLIT_NAMES:
+                raise ValueError(f"refcoco: ref {ref.get('ref_id')!r} has split {ref.get('split')!r}; expected one "
+                                 f"of {sorted(SPLIT_NAMES)}")
+            by_split[SPLIT_NAMES[ref["split"]]][int(ref["image_id"])].append(ref)
+        return {split: self._generate_examples(split, refs_by_image, images, anns, anns_by_image, root)
+                for split, refs_by_image in sorted(by_split.items())}
+
+    def _generate_examples(self, split, refs_by_image, images, anns, anns_by_image, root):
+        for image_id in sorted(refs_by_image):
+            try:
+                example = self._example(image_id, refs_by_image[image_id], images, anns, anns_by_image, root)
+            except ValueError as e:
+                self._bad.handle(split, e)
+                continue
+            yield image_id, example
+        self._record_skips()
+
+    def _example(self, image_id, refs, images, anns, anns_by_image, root) -> dict:
+        what = f"refcoco record image_id={image_id}"
+        if image_id not in images:
+            raise ValueError(f"{what}: image id not in instances.json")
+        meta = images[image_id]
+        file_name = meta["file_name"]
+        what = f"{what} ({file_name})"
+        path = next((root / d / file_name for d in IMAGE_DIRS if (root / d / file_name).exists()),
+                    root / IMAGE_DIRS[0] / file_name)
+        width, height = int(meta["width"]), int(meta["height"])
+        image = datasets.read_image(path, what)
+        boxes_by_ann = {int(a["id"]): _box_xywh_to_xyxy_normalised(a["bbox"], width, height,
+                                                                   f"{what} annotation {a['id']}")
+                        for a in anns_by_image[image_id]}
+        captions, boxes, ref_boxes, labels, has_rel, ref_ids = [], [], [], [], [], []
+        for ref in sorted(refs, key=lambda r: int(r["ref_id"])):
+            ann_id = int(ref["ann_id"])
+            if ann_id not in boxes_by_ann:
+                raise ValueError(f"{what}: ref {ref['ref_id']} points to annotation {ann_id}, which is not an "
+                                 f"annotation of this image in instances.json")
+            box = boxes_by_ann[ann_id]
+            others = [(-(b[2] - b[0]) * (b[3] - b[1]), a, b) for a, b in boxes_by_ann.items() if a != ann_id]
+            reference = min(others)[2] if others else None
+            for sentence in ref["sentences"]:
+                text = sentence.get("sent") or sentence.get("raw")
+                if not text:
+                    raise ValueError(f"{what}: ref {ref['ref_id']} has a sentence without text: {sentence!r:.200}")
+                captions.append(text.strip())
+                boxes.append(box)
+                ref_boxes.append(reference or [0.0] * 4)
+                labels.append(rel.relation_from_boxes(box, reference) if reference else 0)
+                has_rel.append(reference is not None)
+                ref_ids.append(int(ref["ref_id"]))
+        if not captions:
+            raise ValueError(f"{what}: no sentences")
+        k = len(captions)
+        return {
+            "image": image,
+            "image_id": image_id,
+            "file_name": file_name,
+            "captions": captions,
+            "boxes": np.asarray(boxes, np.float32),
+            "reference_boxes": np.asarray(ref_boxes, np.float32),
+            "relations": np.asarray(labels, np.int32),
+            "has_box": np.ones(k, bool),
+            "has_relation": np.asarray(has_rel, bool),
+            "ref_ids": np.asarray(ref_ids, np.int64),
+        }
