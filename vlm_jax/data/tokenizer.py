@@ -22,7 +22,8 @@ IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
 VIDEO = "<video>"  # unused here; transformers' InternVLProcessor requires the tokenizer to name one
 
-SPECIAL_TOKENS = (PAD, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, VIDEO)
+# <IMG_CONTEXT> last, <img> and </img> just before it: the layout of the small test checkpoints (tests/hf_fixtures).
+SPECIAL_TOKENS = (PAD, IM_START, IM_END, VIDEO, IMG_START, IMG_END, IMG_CONTEXT)
 
 # Attribute names transformers' InternVL processor reads from the tokenizer.
 _NAMED_TOKENS = {
