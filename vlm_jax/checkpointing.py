@@ -1,0 +1,144 @@
+"""Orbax checkpoints of a training run, and the one place that decides where a run's weights come from.
+
+A checkpoint (``WORKDIR/checkpoints/<step>/``) is an ``ocp.args.Composite`` of
+  ``model``  the whole model state (trainable + frozen parameters + other variables), as one nnx.State,
+  ``train``  optimizer state, step and failure counters,
+  ``data``   the grain iterator state (exact resume of the input order),
+  ``meta``   JSON: step, config, where the initial weights came from.
+Keeping ``model`` whole (not split by trainability) lets a stage-2 run with other frozen groups read a stage-1
+checkpoint: ``restore_backbone`` restores just ``model/backbone`` with an orbax partial restore.
+
+Resume order (``restore_or_init``): latest checkpoint in the workdir → ``config.init_from`` (a converted backbone
+directory from ``python -m vlm_jax.convert``, or a stage-1 workdir: backbone only) → random init.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def make_manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
+    """Manager that saves every ``every_steps`` (plus forced saves), keeps ``keep`` and optionally the best one.
+
+    ckpt_cfg fields: every_steps, keep, best_metric ('' = keep the latest ones), best_mode ('max'|'min'),
+    async_save.
+    """
+    best = ckpt_cfg.get("best_metric", "") or ""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(ckpt_cfg.get("keep", 2)),
+        save_interval_steps=int(ckpt_cfg.get("every_steps", 1000)),
+        best_fn=(lambda metrics: float(metrics[best])) if best else None,
+        best_mode=ckpt_cfg.get("best_mode", "max"),
+        keep_checkpoints_without_metrics=True,
+        enable_async_checkpointing=bool(ckpt_cfg.get("async_save", True)),
+        create=True,
+    )
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR)), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, model_state, train_state, data_iter=None,
+         meta: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None,
+         force: bool = False) -> bool:
+    """Saves (asynchronously when configured) if ``step`` is due or ``force``; returns whether it saved."""
+    items = dict(model=ocp.args.StandardSave(model_state), train=ocp.args.StandardSave(train_state),
+                 meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
+    if data_iter is not None:
+        items["data"] = _grain_save(data_iter)
+    return manager.save(int(step), args=ocp.args.Composite(**items),
+                        metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
+                        force=force)
+
+
+def _grain_save(data_iter):
+    import grain
+
+    return grain.checkpoint.CheckpointSave(data_iter)
+
+
+def _grain_restore(data_iter):
+    import grain
+
+    return grain.checkpoint.CheckpointRestore(data_iter)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_model, abstract_train, data_iter=None):
+    """Restores ``(model_state, train_state, meta)`` onto abstract trees that carry the target shardings; the
+    data iterator (when given) is set in place."""
+    items = dict(model=ocp.args.StandardRestore(abstract_model), train=ocp.args.StandardRestore(abstract_train),
+                 meta=ocp.args.JsonRestore())
+    if data_iter is not None:
+        items["data"] = _grain_restore(data_iter)
+    out = manager.restore(int(step), args=ocp.args.Composite(**items))
+    return out["model"], out["train"], out["meta"]
+
+
+def _restore_partial(item_dir: str, abstract_subtree):
+    """Reads only the leaves named in ``abstract_subtree`` from a saved pytree item."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+    with ocp.PyTreeCheckpointer() as ckpt:
+        return ckpt.restore(item_dir, args=ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args,
+                                                                  partial_restore=True))
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR))
+
+
+def restore_backbone(init_from: str, abstract_backbone):
+    """Backbone state from a stage-1 workdir (latest checkpoint) or a converted backbone directory.
+
+    ``abstract_backbone`` is the (sharded) abstract nnx.State of ``model.backbone``; the result has its structure.
+    """
+    if not os.path.isdir(init_from):
+        raise ValueError(f"config.init_from={init_from!r} is not a directory (expected a training workdir with "
+                         f"'{CHECKPOINT_SUBDIR}/' or a converted checkpoint from `python -m vlm_jax.convert`).")
+    if is_run_dir(init_from):
+        steps = ocp.utils.checkpoint_steps(os.path.join(init_from, CHECKPOINT_SUBDIR))
+        if not steps:
+            raise ValueError(f"config.init_from={init_from!r} has no finished checkpoint.")
+        item = os.path.join(init_from, CHECKPOINT_SUBDIR, str(max(steps)), "model")
+        return _restore_partial(item, {"backbone": abstract_backbone})["backbone"]
+    from vlm_jax.checkpoints import converted
+
+    return converted.restore_state(init_from, abstract_backbone)
+
+
+def restore_or_init(manager: ocp.CheckpointManager, *, init_from: str, abstract_model, abstract_train,
+                    init_model: Callable[[], Any], init_train: Callable[[Any], Any],
+                    data_iter=None) -> tuple[Any, Any, int, str]:
+    """The resume order, in one place. Returns ``(model_state, train_state, step, source)``.
+
+    1. the latest checkpoint in this workdir (model, optimizer, step, data iterator);
+    2. ``init_from``: random init, then the backbone replaced by the stage-1 / converted weights;
+    3. random init.
+    ``init_model()`` builds the sharded model state; ``init_train(model_state)`` the optimizer state and counters.
+    """
+    latest = manager.latest_step()
+    if latest is not None:
+        model, train, meta = restore(manager, latest, abstract_model, abstract_train, data_iter)
+        logging.info("Resuming from %s step %d", manager.directory, latest)
+        return model, train, int(latest), f"resume:{latest}"
+    model = init_model()
+    if init_from:
+        backbone = restore_backbone(init_from, abstract_model["backbone"])
+        model["backbone"] = backbone
+        logging.info("Initialised the backbone from %s", init_from)
+        source = f"init_from:{init_from}"
+    else:
+        source = "scratch"
+    return model, init_train(model), 0, source
+
+
+def read_meta(workdir: str, step: int | None = None) -> dict:
+    base = os.path.join(workdir, CHECKPOINT_SUBDIR)
+    step = max(ocp.utils.checkpoint_steps(base)) if step is None else step
+    with open(os.path.join(base, str(step), "meta", "metadata")) as f:
+        return json.load(f)
