@@ -1,0 +1,233 @@
+"""grain pipeline: contract fields, determinism, exact resume (also through orbax), process shards, truncation."""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import PIL.Image
+import pytest
+import tensorflow_datasets as tfds
+
+from vlm_jax.data import pipeline, preprocess
+from vlm_jax.data import tokenizer as tok
+
+SIZES = dict(image_size=32, num_train=24, num_validation=10, num_test=4)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    c = pipeline.default_config()
+    c.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    c.builder_params = dict(SIZES)
+    c.image_size = 16
+    c.num_image_tokens = 3
+    return c
+
+
+@pytest.fixture(scope="module")
+def records(config):
+    _, source = pipeline.load_source(config, "train")
+    return {int(r["image_id"]): r for r in (source[i] for i in range(len(source)))}
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _train(config, seed=0, **kw):
+    kw.setdefault("global_batch_size", 4)
+    kw.setdefault("shard_index", 0)
+    kw.setdefault("shard_count", 1)
+    return pipeline.make_iterator(config, split="train", train=True, seed=seed, **kw)
+
+
+def test_batch_fields_follow_the_contract(config, records):
+    it = _train(config)
+    builder = pipeline.make_prompt_builder(config)
+    tokenizer = builder.tokenizer
+    lp = pipeline.prompt_length(config, train=True)
+    for batch in _take(it, 3):
+        expected = {"image": ((4, 16, 16, 3), np.float32), "image_id": ((4,), np.int32),
+                    "text_ids": ((4, 24), np.int32), "text_mask": ((4, 24), np.int32),
+                    "prompt_ids": ((4, lp), np.int32), "prompt_mask": ((4, lp), np.int32),
+                    "box": ((4, 4), np.float32), "has_box": ((4,), np.bool_),
+                    "relation": ((4,), np.int32), "has_relation": ((4,), np.bool_)}
+        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+        for i in range(4):
+            record = records[int(batch["image_id"][i])]
+            np.testing.assert_allclose(batch["image"][i], preprocess.single_tile(record["image"], 16), atol=1e-6)
+            n = batch["text_mask"][i].sum()
+            assert (batch["text_mask"][i][:n] == 1).all() and (batch["text_mask"][i][n:] == 0).all()
+            ids = batch["text_ids"][i][:n]
+            assert ids[-1] == builder.eos_id
+            caption = tokenizer.decode(ids[:-1])
+            captions = [c.decode() for c in record["captions"]]
+            assert caption in captions
+            k = captions.index(caption)
+            np.testing.assert_array_equal(batch["box"][i], record["boxes"][k])
+            assert batch["relation"][i] == record["relations"][k] and batch["has_box"][i]
+            # Prompt ("plain" template): <img> <IMG_CONTEXT> x 3 </img> caption EOS, right-padded.
+            m = batch["prompt_mask"][i].sum()
+            prompt = batch["prompt_ids"][i][:m].tolist()
+            expected_prompt = tokenizer.convert_tokens_to_ids([tok.IMG_START] + [tok.IMG_CONTEXT] * 3 + [tok.IMG_END])
+            assert prompt == expected_prompt + ids.tolist()
+            assert (batch["prompt_ids"][i][m:] == tokenizer.pad_token_id).all()
+    assert it.stats["truncated_captions"] == 0 and it.stats["skipped_bad_records"] == 0
+
+
+def test_same_seed_same_batches_other_seed_differs(config):
+    first, again = _take(_train(config, seed=3), 8), _take(_train(config, seed=3), 8)
+    _assert_same(first, again)
+    other = _take(_train(config, seed=4), 8)
+    assert [b["image_id"].tolist() for b in other] != [b["image_id"].tolist() for b in first]
+
+
+def test_epochs_cover_every_image_once_in_new_orders(config):
+    config = config.copy_and_resolve_references()
+    config.num_epochs = 2
+    batches = list(_train(config, global_batch_size=6))
+    assert len(batches) == 2 * 24 // 6
+    ids = [np.concatenate([b["image_id"] for b in batches[e * 4:(e + 1) * 4]]) for e in range(2)]
+    assert sorted(ids[0]) == sorted(ids[1]) == list(range(24))
+    assert ids[0].tolist() != ids[1].tolist()
+
+
+def test_resume_from_state_gives_the_uninterrupted_batches(config):
+    uninterrupted = _take(_train(config), 7)
+    it = _train(config)
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
+    resumed = _train(config)
+    resumed.set_state(state)
+    _assert_same(_take(resumed, 4), uninterrupted[3:])
+    assert resumed.stats["examples"] == 7 * 4
+
+
+def test_resume_through_an_orbax_checkpoint(config, tmp_path):
+    uninterrupted = _take(_train(config, seed=5), 6)
+    it = _train(config, seed=5)
+    _take(it, 2)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(2, args=ocp.args.Composite(data=pipeline.checkpoint_args(it)))
+        manager.wait_until_finished()
+    fresh = _train(config, seed=5)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.restore(2, args=ocp.args.Composite(data=pipeline.checkpoint_restore_args(fresh)))
+    _assert_same(_take(fresh, 4), uninterrupted[2:])
+
+
+def test_process_shards_are_disjoint_and_cover_the_split(config):
+    config = config.copy_and_resolve_references()
+    config.num_epochs = 1
+    shards = [list(_train(config, global_batch_size=8, shard_index=i, shard_count=2)) for i in range(2)]
+    ids = [set(np.concatenate([b["image_id"] for b in s]).tolist()) for s in shards]
+    assert len(shards[0]) == len(shards[1]) == 3  # 12 images per process, 4 rows per process and batch
+    assert not ids[0] & ids[1] and ids[0] | ids[1] == set(range(24))
+    # Eval: every (image, caption) pair exactly once over the processes, equal batch counts, padding marked.
+    evals = [list(pipeline.make_iterator(config, split="validation", train=False, global_batch_size=6,
+                                         shard_index=i, shard_count=2)) for i in range(2)]
+    assert len(evals[0]) == len(evals[1])
+    pairs = []
+    for batches in evals:
+        for b in batches:
+            for i in np.nonzero(b["valid"])[0]:
+                pairs.append((int(b["image_id"][i]), bytes(b["text_ids"][i])))
+    assert len(pairs) == len(set(pairs)) == 10 * 2
+
+
+def test_truncation_is_counted_and_never_cuts_the_image_block(config, records):
+    config = config.copy_and_resolve_references()
+    config.max_text_length = 6
+    config.max_prompt_length = 9
+    it = _train(config)
+    tokenizer = pipeline.make_prompt_builder(config).tokenizer
+    want_text = want_prompt = 0
+    for batch in _take(it, 4):
+        for i in range(4):
+            n = batch["text_mask"][i].sum()
+            caption_tokens = None
+            record = records[int(batch["image_id"][i])]
+            for c in record["captions"]:
+                full = tokenizer.encode(c.decode(), add_special_tokens=False)
+                if full[: n - 1] == batch["text_ids"][i][: n - 1].tolist():
+                    caption_tokens = full
+            assert caption_tokens is not None
+            want_text += len(caption_tokens) + 1 > 6
+            want_prompt += 5 + len(caption_tokens) + 1 > 9
+            prompt = batch["prompt_ids"][i][: batch["prompt_mask"][i].sum()].tolist()
+            ids = tokenizer.convert_tokens_to_ids([tok.IMG_START, tok.IMG_CONTEXT, tok.IMG_END, tok.IM_END])
+            assert prompt[:5] == [ids[0]] + [ids[1]] * 3 + [ids[2]] and prompt[-1] == ids[3]
+            assert prompt[5:-1] == caption_tokens[: len(prompt) - 6]
+    assert want_text > 0 and want_prompt > 0
+    assert it.stats["truncated_captions"] == want_text
+    assert it.stats["truncated_prompts"] == want_prompt
+
+
+def test_eval_dynamic_tiles(config, records):
+    config = config.copy_and_resolve_references()
+    config.eval_dynamic_tiles = True
+    config.max_tiles = 4
+    batch = next(pipeline.make_iterator(config, split="validation", train=False, global_batch_size=4,
+                                        shard_index=0, shard_count=1))
+    assert batch["image"].shape == (4, 5, 16, 16, 3) and batch["num_tiles"].dtype == np.int32
+    context = pipeline.make_prompt_builder(config).img_context_id
+    for i in range(4):
+        n = int(batch["num_tiles"][i])
+        assert (batch["prompt_ids"][i] == context).sum() == 3 * n
+        assert not batch["image"][i, n:].any()
+
+
+def test_global_batch_is_sharded_over_data_and_fsdp(config):
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    local = next(_train(config, global_batch_size=8))
+    batch = pipeline.make_global_batch(local, mesh)
+    for k, v in batch.items():
+        assert v.shape == local[k].shape and v.sharding.spec[0] == ("data", "fsdp"), k
+        np.testing.assert_array_equal(np.asarray(v), local[k])
+
+
+def test_worker_processes_give_the_same_batches(config):
+    """One worker process (each costs a few seconds of start-up here): same batches, exact resume."""
+    config_w = config.copy_and_resolve_references()
+    config_w.num_workers = 1
+    with_workers = _train(config_w, seed=7)
+    _assert_same(_take(with_workers, 3), _take(_train(config, seed=7), 3))
+    state = with_workers.get_state()
+    expected = _take(with_workers, 2)
+    with_workers.close()
+    resumed = _train(config_w, seed=7)
+    resumed.set_state(state)
+    _assert_same(_take(resumed, 2), expected)
+    resumed.close()
+
+
+def test_skipped_bad_records_are_reported(tmp_path):
+    manual = tmp_path / "manual"
+    images = []
+    for i, split in enumerate(["train", "train", "val", "test"]):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        (manual / "val2014").mkdir(parents=True, exist_ok=True)
+        PIL.Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(manual / "val2014" / name)
+        images.append({"filepath": "val2014", "filename": name, "cocoid": i, "split": split,
+                       "sentences": [{"raw": f"image {i} caption {j}"} for j in range(5)]})
+    (manual / "val2014" / images[1]["filename"]).write_bytes(b"not an image")
+    (manual / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    c = pipeline.default_config()
+    c.update(name="coco_captions", builder_config="", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
+             image_size=16, num_image_tokens=2, skip_bad_records=True)
+    it = pipeline.make_iterator(c, split="train", train=True, global_batch_size=1, shard_index=0, shard_count=1)
+    assert {int(next(it)["image_id"][0]) for _ in range(3)} == {0}
+    assert it.stats["skipped_bad_records"] == 1
+    c.skip_bad_records = False
+    c.data_dir = str(tmp_path / "tfds2")
+    with pytest.raises(ValueError, match=r"cocoid=1 .*COCO_val2014_000000000001\.jpg"):
+        pipeline.make_iterator(c, split="train", train=True, global_batch_size=1, shard_index=0, shard_count=1)

@@ -1,0 +1,381 @@
+"""The input pipeline: tfds data source -> grain -> host batches (-> global arrays with `make_global_batch`).
+
+    source (tfds.data_source, images left encoded)
+      -> [train] shard by process, shuffle (reshuffled every epoch), pick one caption per image per epoch
+         [eval]  every (image, caption) pair once, in order, sharded by process and padded to equal batch counts
+      -> decode + preprocess (one fixed-size tile; InternVL dynamic tiles for evaluation when configured)
+      -> tokenise with `prompt.PromptBuilder` (caption + EOS; prompt = template with the image block + caption)
+      -> batch (this process's share of the global batch) -> optional worker processes -> `PipelineIterator`
+
+Training visits images, not captions: each epoch shows every image of this process's shard once, with one of its
+captions drawn at random (a fresh draw every epoch, deterministic in the seed), so a batch rarely holds the same
+image twice and datasets with a variable number of captions per image need no index scan. In-batch negatives for
+ITC/ITM are formed in the model; `image_id` lets the losses mask captions of the same image.
+
+Batch fields (numpy, leading axis = this process's rows; see the contract):
+    image        float32[B, S, S, 3]  normalised single tile; with `eval_dynamic_tiles`, float32[B, T, S, S, 3]
+                 (T = max_tiles (+1 thumbnail), zero tiles after `num_tiles`) and `num_tiles` int32[B]
+    image_id     int32[B]
+    text_ids, text_mask      int32[B, max_text_length]    caption tokens + EOS, right-padded
+    prompt_ids, prompt_mask  int32[B, max_prompt_length]  template with <img><IMG_CONTEXT>*n</img> + caption
+    box          float32[B, 4], has_box bool[B], relation int32[B], has_relation bool[B]
+    valid        bool[B]  (eval only) False on the padding rows that even out the processes' batch counts
+
+Determinism and resume: the order depends only on (seed, shard, config); `PipelineIterator` is a grain
+`DatasetIterator`, so `get_state()`/`set_state()` resume exactly and `checkpoint_args(it)` /
+`checkpoint_restore_args(it)` are the items to put into an orbax `ocp.args.Composite` checkpoint.
+
+Counters (`PipelineIterator.stats`, restored with the state): captions and prompts truncated at token level
+(captions keep their EOS; prompts lose caption tokens only, never part of an image block), and the bad records the
+builder skipped at build time (`skip_bad_records`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+
+from vlm_jax.data import preprocess
+from vlm_jax.data import prompt as prompt_lib
+from vlm_jax.data import tokenizer as tokenizer_lib
+
+COUNTERS = ("truncated_captions", "truncated_prompts")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every `config.data` field the pipeline reads, with defaults (the tiny demo settings)."""
+    c = ml_collections.ConfigDict()
+    c.name = "spatial_shapes"  # "spatial_shapes" | "coco_captions" | "refcoco"
+    c.builder_config = "tiny"  # tfds config name ("" = the builder's default)
+    c.builder_params = ml_collections.ConfigDict()  # spatial_shapes only: overrides -> spatial_shapes.make_config
+    c.data_dir = ""  # tfds data_dir ("" = tfds default, ~/tensorflow_datasets)
+    c.manual_dir = ""  # real datasets: the folder with the user's files
+    c.prepare = True  # build the dataset when it is not in data_dir yet
+    c.skip_bad_records = False  # real datasets: skip (and count) missing/corrupt images instead of failing
+    c.train_split = "train"
+    c.seed = 0  # used when make_iterator gets no seed
+    c.num_epochs = -1  # training passes over the data; -1 = repeat forever
+    c.num_workers = 0  # grain worker processes (0 = in the main process)
+    c.worker_buffer_size = 2
+    # Must agree with the model: tile size, <IMG_CONTEXT> tokens per tile, chat template, tokenizer.
+    c.image_size = 64
+    c.num_image_tokens = 4
+    c.template = "plain"  # "plain" | "internvl2_5"
+    c.tokenizer = "demo"  # "demo" (built from the dataset's words) or a directory with tokenizer files
+    c.max_text_length = 24
+    c.max_prompt_length = -1  # -1 = num_image_tokens * max tiles + max_text_length + 16
+    c.eval_dynamic_tiles = False
+    c.min_tiles = 1
+    c.max_tiles = 6
+    c.use_thumbnail = True
+    return c
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sources and tokenisation.
+
+
+def _builder_class(name: str):
+    # Imported here so that importing the pipeline does not register every builder with tfds.
+    if name == "spatial_shapes":
+        from vlm_jax.data.datasets import spatial_shapes
+        return spatial_shapes.SpatialShapes
+    if name == "coco_captions":
+        from vlm_jax.data.datasets import coco_captions
+        return coco_captions.CocoCaptions
+    if name == "refcoco":
+        from vlm_jax.data.datasets import refcoco
+        return refcoco.RefCoco
+    raise ValueError(f"config.data.name must be 'spatial_shapes', 'coco_captions' or 'refcoco', got {name!r}")
+
+
+def make_builder(data_config) -> tfds.core.DatasetBuilder:
+    """The tfds builder named by `data_config` (prepared on disk when `prepare` is set)."""
+    cls = _builder_class(data_config.name)
+    kwargs: dict[str, Any] = {"data_dir": data_config.data_dir or None}
+    params = dict(data_config.get("builder_params", {}) or {})
+    if data_config.name == "spatial_shapes" and params:
+        from vlm_jax.data.datasets import spatial_shapes
+        kwargs["config"] = spatial_shapes.make_config(**params)
+    elif data_config.builder_config:
+        kwargs["config"] = data_config.builder_config
+    if data_config.name != "spatial_shapes":
+        kwargs["skip_bad_records"] = bool(data_config.skip_bad_records)
+    builder = cls(**kwargs)
+    if data_config.prepare:
+        download_config = tfds.download.DownloadConfig(manual_dir=data_config.manual_dir or None)
+        builder.download_and_prepare(download_config=download_config)
+    return builder
+
+
+def load_source(data_config, split: str):
+    """(builder, random-access source of `split` with images left encoded)."""
+    builder = make_builder(data_config)
+    if split not in builder.info.splits:
+        raise ValueError(f"{builder.name}: no split {split!r}; available: {sorted(builder.info.splits)}")
+    source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    return builder, source
+
+
+def make_tokenizer(data_config):
+    """The tokenizer `config.data.tokenizer` names; "demo" = `build_demo_tokenizer` over the dataset's words."""
+    if data_config.tokenizer != "demo":
+        return tokenizer_lib.load_tokenizer(data_config.tokenizer)
+    words: tuple[str, ...] = ()
+    if data_config.name == "spatial_shapes":
+        from vlm_jax.data.datasets import spatial_shapes
+        words = spatial_shapes.VOCABULARY
+    return tokenizer_lib.build_demo_tokenizer(words)
+
+
+def max_tiles_per_image(data_config, train: bool) -> int:
+    if train or not data_config.eval_dynamic_tiles:
+        return 1
+    extra = 1 if data_config.use_thumbnail and data_config.max_tiles > 1 else 0
+    return int(data_config.max_tiles) + extra
+
+
+def prompt_length(data_config, train: bool) -> int:
+    if data_config.max_prompt_length > 0:
+        return int(data_config.max_prompt_length)
+    return int(data_config.num_image_tokens) * max_tiles_per_image(data_config, train) + \
+        int(data_config.max_text_length) + 16
+
+
+def make_prompt_builder(data_config, tokenizer=None) -> prompt_lib.PromptBuilder:
+    """A PromptBuilder for `data_config` (the model must use the same tokenizer and num_image_tokens)."""
+    return prompt_lib.PromptBuilder(tokenizer if tokenizer is not None else make_tokenizer(data_config),
+                                    int(data_config.num_image_tokens), template=data_config.template)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Per-example transforms (run in the worker processes when there are workers).
+
+
+def _text(x) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+@dataclasses.dataclass
+class _Encoder:
+    """Record + caption index -> one example of the batch (decode, preprocess, tokenise)."""
+
+    dataset: str
+    builder: prompt_lib.PromptBuilder  # copies with the caption and prompt length limits
+    image_size: int
+    text_length: int
+    prompt_length: int
+    dynamic_tiles: bool
+    min_tiles: int
+    max_tiles: int
+    use_thumbnail: bool
+    tiles_dim: int
+
+    def __post_init__(self):
+        self._captions = copy.copy(self.builder)
+        self._captions.max_length = self.text_length
+        self._prompts = copy.copy(self.builder)
+        self._prompts.max_length = self.prompt_length
+
+    def __call__(self, record: dict, k: int) -> dict:
+        image_id = int(record["image_id"])
+        name = f"{self.dataset} image_id={image_id}"
+        if self.dynamic_tiles:
+            tiles = preprocess.dynamic_tiles(record["image"], self.image_size, self.min_tiles, self.max_tiles,
+                                             self.use_thumbnail, name=name)
+            n = len(tiles)
+            image = np.zeros((self.tiles_dim, *tiles.shape[1:]), np.float32)
+            image[:n] = tiles
+        else:
+            image, n = preprocess.single_tile(record["image"], self.image_size, name=name), 1
+        caption = _text(record["captions"][k])
+        before = self._captions.num_truncated, self._prompts.num_truncated
+        text = self._captions.caption_ids(caption)
+        prompt = self._prompts.prompt_ids(caption, n)
+        text_ids, text_mask = self._captions.batch([text], length=self.text_length, padding_side="right")
+        prompt_ids, prompt_mask = self._prompts.batch([prompt], length=self.prompt_length, padding_side="right")
+        out = {
+            "image": image.astype(np.float32),
+            "image_id": np.int32(image_id),
+            "text_ids": text_ids[0],
+            "text_mask": text_mask[0],
+            "prompt_ids": prompt_ids[0],
+            "prompt_mask": prompt_mask[0],
+            "box": np.asarray(record["boxes"][k], np.float32),
+            "has_box": np.bool_(record["has_box"][k]),
+            "relation": np.int32(record["relations"][k]),
+            "has_relation": np.bool_(record["has_relation"][k]),
+            "_truncated_captions": np.int32(self._captions.num_truncated > before[0]),
+            "_truncated_prompts": np.int32(self._prompts.num_truncated > before[1]),
+        }
+        if self.dynamic_tiles:
+            out["num_tiles"] = np.int32(n)
+        return out
+
+
+@dataclasses.dataclass
+class _RandomCaption:
+    """Train: one caption of the record, drawn with the per-element rng grain derives from (seed, epoch, index)."""
+
+    source: Any
+    encode: _Encoder
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict:
+        record = self.source[index]
+        k = int(rng.integers(len(record["captions"])))
+        return self.encode(record, k)
+
+
+@dataclasses.dataclass
+class _Pair:
+    """Eval: the (record, caption) pair at a flat position; padding positions repeat pair 0 with valid=False."""
+
+    source: Any
+    encode: _Encoder
+
+    def __call__(self, pair) -> dict:
+        record_index, k, valid = (int(v) for v in pair)
+        out = self.encode(self.source[record_index], k)
+        out["valid"] = np.bool_(valid)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Iterator with counters.
+
+
+class PipelineIterator(grain.DatasetIterator):
+    """Host batches; strips the per-example counters into `stats`. State = grain's state + the counters."""
+
+    def __init__(self, parent: grain.DatasetIterator, *, skipped_bad_records: int = 0):
+        super().__init__(parent)
+        self._skipped = int(skipped_bad_records)
+        self._counts = {k: 0 for k in COUNTERS}
+        self._counts["examples"] = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self._parent))
+        for name in COUNTERS:
+            self._counts[name] += int(np.sum(batch.pop("_" + name)))
+        self._counts["examples"] += len(batch["image_id"])
+        return batch
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counts over the batches produced so far by this process (examples include eval padding rows)."""
+        return dict(self._counts, skipped_bad_records=self._skipped)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._parent.get_state(), "counts": dict(self._counts)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["grain"])
+        self._counts = {k: int(v) for k, v in state["counts"].items()}
+
+
+def checkpoint_args(iterator: PipelineIterator):
+    """The orbax item that saves `iterator`'s state: `ocp.args.Composite(..., data=checkpoint_args(it))`."""
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def checkpoint_restore_args(iterator: PipelineIterator):
+    """The orbax item that restores into `iterator` in place: `ocp.args.Composite(data=checkpoint_restore_args(it))`."""
+    return grain.checkpoint.CheckpointRestore(iterator)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Building the iterator.
+
+
+def _ensure_flags_parsed() -> None:
+    # grain's worker processes read absl flags; outside an absl app they are not parsed yet.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _eval_pairs(source, shard_index: int, shard_count: int, local_batch_size: int) -> np.ndarray:
+    """int64[P, 3] (record, caption, valid): this shard's pairs, padded so every shard has the same batch count."""
+    counts = [len(source[i]["captions"]) for i in range(len(source))]
+    pairs = np.asarray([(i, k) for i, n in enumerate(counts) for k in range(n)], np.int64).reshape(-1, 2)
+    per_shard = math.ceil(len(pairs) / shard_count)
+    num_batches = max(1, math.ceil(per_shard / local_batch_size))
+    mine = pairs[shard_index::shard_count]
+    out = np.zeros((num_batches * local_batch_size, 3), np.int64)
+    out[: len(mine), :2] = mine
+    out[: len(mine), 2] = 1
+    return out
+
+
+def make_iterator(data_config, *, split: str, train: bool, global_batch_size: int, seed: int | None = None,
+                  shard_index: int | None = None, shard_count: int | None = None,
+                  prompt_builder: prompt_lib.PromptBuilder | None = None) -> PipelineIterator:
+    """This process's iterator of host batches of `global_batch_size / shard_count` rows.
+
+    train=True: shuffled, one random caption per image, `num_epochs` passes (-1 = forever), full batches only.
+    train=False: every (image, caption) pair of the split once in a fixed order, with a `valid` field; all shards
+    yield the same number of batches.
+    shard_index/shard_count default to jax.process_index()/jax.process_count(); each shard reads a disjoint
+    1/shard_count of the records (train) or pairs (eval).
+    """
+    shard_index = jax.process_index() if shard_index is None else int(shard_index)
+    shard_count = jax.process_count() if shard_count is None else int(shard_count)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+    if global_batch_size % shard_count:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {shard_count} processes")
+    local_batch_size = global_batch_size // shard_count
+    seed = int(data_config.seed if seed is None else seed)
+    builder, source = load_source(data_config, split)
+    pb = prompt_builder if prompt_builder is not None else make_prompt_builder(data_config)
+    dynamic = bool(not train and data_config.eval_dynamic_tiles)
+    encode = _Encoder(dataset=builder.name, builder=pb, image_size=int(data_config.image_size),
+                      text_length=int(data_config.max_text_length), prompt_length=prompt_length(data_config, train),
+                      dynamic_tiles=dynamic, min_tiles=int(data_config.min_tiles),
+                      max_tiles=int(data_config.max_tiles), use_thumbnail=bool(data_config.use_thumbnail),
+                      tiles_dim=max_tiles_per_image(data_config, train))
+    if train:
+        indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
+        if len(indices) < local_batch_size:
+            raise ValueError(f"split {split!r} shard {shard_index}/{shard_count} has {len(indices)} images, fewer "
+                             f"than one batch of {local_batch_size}")
+        epochs = None if data_config.num_epochs < 0 else int(data_config.num_epochs)
+        ds = indices.shuffle(seed=seed).random_map(_RandomCaption(source, encode), seed=seed).repeat(epochs)
+        ds = ds.batch(local_batch_size, drop_remainder=True)
+    else:
+        pairs = _eval_pairs(source, shard_index, shard_count, local_batch_size)
+        ds = grain.MapDataset.source(pairs).map(_Pair(source, encode)).batch(local_batch_size)
+    iter_ds = ds.to_iter_dataset()
+    if data_config.num_workers > 0:
+        _ensure_flags_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=int(data_config.num_workers), per_worker_buffer_size=int(data_config.worker_buffer_size)))
+    skipped = int(builder.info.metadata.get("num_skipped_records", 0)) if builder.info.metadata else 0
+    return PipelineIterator(iter(iter_ds), skipped_bad_records=skipped)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Global arrays.
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """Leading axis over the mesh's ('data', 'fsdp') axes (those present), the rest replicated."""
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
+
+
+def make_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None) -> dict:
+    """Global jax arrays from this process's rows (`jax.make_array_from_process_local_data`); no mesh: device 0."""
+    if mesh is None:
+        return {k: jax.device_put(np.asarray(v)) for k, v in local_batch.items()}
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
