@@ -13,6 +13,7 @@ The returned `TinyCheckpoint.model` is the PyTorch reference holding exactly the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -182,8 +183,8 @@ def make_tiny_hf_checkpoint(path, layout="transformers", *, seed=0, dtype="float
         sd.pop("lm_head.weight", None)
     if layout == "transformers":
         if dtype == "bfloat16":
-            model.to(torch.bfloat16).save_pretrained(path)
-            model.float()
+            # A copy: casting the reference itself would also round its fp32 RoPE inv_freq buffer.
+            copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)
         else:
             model.save_pretrained(path)
         if shards > 1:

@@ -23,26 +23,36 @@ from vlm_jax.models.config import InternVLConfig
 from vlm_jax.models.internvl import InternVL, InternVLOutput, count_image_tokens
 
 
+_TRACES = {"count": 0}
+
+
+def trace_count() -> int:
+    """How many times the shared forward functions were traced (each trace means one compile)."""
+    return _TRACES["count"]
+
+
+# Module-level jitted functions: wrappers around equal configs share the compiled code (the cache key is the
+# module's graph definition, which holds the config, plus the input shapes).
+@nnx.jit
+def _forward(module: InternVL, pixel_values, input_ids, attention_mask) -> InternVLOutput:
+    _TRACES["count"] += 1
+    return module(pixel_values, input_ids, attention_mask)
+
+
+@nnx.jit
+def _forward_text(module: InternVL, input_ids, attention_mask) -> InternVLOutput:
+    _TRACES["count"] += 1
+    hidden, _ = module.language_model(input_ids=input_ids, attention_mask=attention_mask)
+    return InternVLOutput(logits=module.logits(hidden), hidden=hidden)
+
+
 class PretrainedInternVL:
-    """Callable wrapper: input checks on the host, then one jitted forward per input shape."""
+    """Callable wrapper: input checks on the host, then a jitted forward (compiled once per input shape)."""
 
     def __init__(self, module: InternVL, config: InternVLConfig):
         self.module = module
         self.config = config
         self.image_token_id = config.image_token_id
-        self.trace_count = 0  # incremented only while tracing: a second call with equal shapes leaves it alone
-
-        def forward(module, pixel_values, input_ids, attention_mask):
-            self.trace_count += 1
-            return module(pixel_values, input_ids, attention_mask)
-
-        def forward_text(module, input_ids, attention_mask):
-            self.trace_count += 1
-            hidden, _ = module.language_model(input_ids=input_ids, attention_mask=attention_mask)
-            return InternVLOutput(logits=module.logits(hidden), hidden=hidden)
-
-        self._forward = nnx.jit(forward)
-        self._forward_text = nnx.jit(forward_text)
 
     def check_pixel_values(self, pixel_values) -> tuple[int, int, int]:
         """Validate float[N, H, W, C] -> (N, H, W)."""
@@ -76,7 +86,7 @@ class PretrainedInternVL:
             if found:
                 raise ValueError(f"input_ids hold {found} <IMG_CONTEXT> tokens (id {self.image_token_id}) "
                                  "but no pixel_values were given")
-            return self._forward_text(self.module, ids, mask)
+            return _forward_text(self.module, ids, mask)
         n, h, w = self.check_pixel_values(pixel_values)
         per_tile = (h // self.config.vision.patch_size // self.config.shuffle_factor) * (
             w // self.config.vision.patch_size // self.config.shuffle_factor)
@@ -84,7 +94,7 @@ class PretrainedInternVL:
             raise ValueError(f"input_ids hold {found} <IMG_CONTEXT> tokens (id {self.image_token_id}) but "
                              f"{n} image(s) of {h}x{w} need {n} x {per_tile} = {n * per_tile}")
         px = jnp.asarray(pixel_values, self.module.dtype)
-        return self._forward(self.module, px, ids, mask)
+        return _forward(self.module, px, ids, mask)
 
 
 def load_module(path: str, *, image_token_id: int | None = None, dtype="float32") -> tuple[InternVL, InternVLConfig]:

@@ -1,0 +1,114 @@
+"""The Flax port against transformers' PyTorch InternVL on the same (randomly perturbed) weights."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import jax.numpy as jnp  # noqa: E402
+
+import hf_fixtures  # noqa: E402
+import vlm_jax  # noqa: E402
+from vlm_jax.models import layers  # noqa: E402
+
+RTOL = 1e-5
+
+
+def rel_err(ours, ref, mask=None):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if mask is not None:
+        ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
+    return np.abs(ours - ref).max() / np.abs(ref).max()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """One reference model saved in all three layouts (same seed -> same weights)."""
+    out = {}
+    for layout in ("transformers", "transformers_native", "opengvlab"):
+        out[layout] = hf_fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp(layout), layout, seed=0)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["transformers", "transformers_native", "opengvlab"])
+def test_logits_match_transformers_padded_batch(ckpts, layout):
+    ckpt = ckpts[layout]
+    model = vlm_jax.load_pretrained(ckpt.path)
+    assert model.image_token_id == ckpt.image_token_id
+    for padding in ("left", "right"):
+        px, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(1, 2), padding=padding, seed=1)
+        ref = hf_fixtures.torch_logits(ckpt, px, ids, mask)
+        out = model(pixel_values=px, input_ids=ids, attention_mask=mask)
+        assert out.logits.shape == ref.shape
+        assert rel_err(out.logits, ref, mask) <= RTOL, (layout, padding)
+
+
+def test_vision_tower_matches_with_and_without_interpolation(ckpts):
+    ckpt = ckpts["transformers"]
+    model = vlm_jax.load_pretrained(ckpt.path)
+    rng = np.random.default_rng(0)
+    for size in (32, 48, 24):  # checkpoint size, larger and smaller grid (position embeddings resized)
+        px = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+        with torch.no_grad():
+            ref = ckpt.model.model.vision_tower(pixel_values=torch.from_numpy(px).permute(0, 3, 1, 2)).last_hidden_state
+        ours = model.module.vision_hidden_states(jnp.asarray(px))
+        assert ours.shape == tuple(ref.shape)
+        assert rel_err(ours, ref.numpy()) <= RTOL, size
+
+
+def test_full_model_at_interpolated_size(ckpts):
+    ckpt = ckpts["opengvlab"]
+    model = vlm_jax.load_pretrained(ckpt.path)
+    # Image blocks the image blocks for 48 px tiles: (48/8/2)^2 = 9 tokens per tile.
+    big = hf_fixtures.TinyCheckpoint(**{**ckpt.__dict__, "num_image_tokens": 9, "image_size": 48})
+    px, ids, mask = hf_fixtures.padded_batch(big, num_images=(1, 1), padding="left", seed=2)
+    ref = hf_fixtures.torch_logits(ckpt, px, ids, mask)
+    out = model(pixel_values=px, input_ids=ids, attention_mask=mask)
+    assert rel_err(out.logits, ref, mask) <= RTOL
+
+
+def test_bicubic_matches_torch_interpolate():
+    rng = np.random.default_rng(0)
+    for (h, w), (oh, ow) in [((4, 4), (6, 6)), ((7, 5), (3, 9)), ((32, 32), (16, 40))]:
+        x = rng.standard_normal((h, w, 5)).astype(np.float32)
+        ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(2, 0, 1)[None], size=(oh, ow),
+                                              mode="bicubic", align_corners=False)[0].permute(1, 2, 0).numpy()
+        ours = layers.resize_bicubic_2d(jnp.asarray(x), oh, ow)
+        np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["transformers_native", "opengvlab"])
+def test_qk_norm_rms_norm_vision_variant(tmp_path, layout):
+    ckpt = hf_fixtures.make_tiny_hf_checkpoint(tmp_path, layout, seed=3,
+                                               vision=dict(use_qk_norm=True, norm_type="rms_norm"))
+    model = vlm_jax.load_pretrained(ckpt.path)
+    assert model.config.vision.qk_norm and model.config.vision.norm_type == "rms_norm"
+    px, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(2, 1), padding="right", seed=3)
+    ref = hf_fixtures.torch_logits(ckpt, px, ids, mask)
+    assert rel_err(model(pixel_values=px, input_ids=ids, attention_mask=mask).logits, ref, mask) <= RTOL
+
+
+def test_tied_embeddings_and_sharded_files(tmp_path):
+    ckpt = hf_fixtures.make_tiny_hf_checkpoint(tmp_path, "transformers_native", seed=4, tie_word_embeddings=True,
+                                               shards=2)
+    model = vlm_jax.load_pretrained(ckpt.path)
+    assert model.module.lm_head is None
+    px, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(1, 1), seed=4)
+    ref = hf_fixtures.torch_logits(ckpt, px, ids, mask)
+    assert rel_err(model(pixel_values=px, input_ids=ids, attention_mask=mask).logits, ref, mask) <= RTOL
+
+
+def test_bfloat16_checkpoint_loads_into_requested_dtype(tmp_path):
+    ckpt = hf_fixtures.make_tiny_hf_checkpoint(tmp_path, "transformers", seed=5, dtype="bfloat16")
+    px, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(1, 1), seed=5)
+    ref = hf_fixtures.torch_logits(ckpt, px, ids, mask)  # float32 model holding the bf16-rounded weights
+    model = vlm_jax.load_pretrained(ckpt.path, dtype="float32")
+    emb = model.module.language_model.embed_tokens[...]
+    assert emb.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(emb), ckpt.model.model.language_model.embed_tokens.weight.detach().numpy())
+    assert rel_err(model(pixel_values=px, input_ids=ids, attention_mask=mask).logits, ref, mask) <= RTOL
+    bf16 = vlm_jax.load_pretrained(ckpt.path, dtype="bfloat16")
+    assert bf16.module.language_model.embed_tokens[...].dtype == jnp.bfloat16
+    out = bf16(pixel_values=px, input_ids=ids, attention_mask=mask).logits
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out.astype(jnp.float32), ref, mask) < 0.05  # bf16 compute: loose bound, catches layout bugs
