@@ -8,26 +8,36 @@ Result: filled in from a measured run (see the README).
 
 import ml_collections
 
+from vlm_jax import losses
+from vlm_jax.data import pipeline
+from vlm_jax.models import multitask
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.init_from = ""
+    c.init_from = ""  # a converted checkpoint dir or a stage-1 workdir: its backbone replaces the random one
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = "tiny"
-    c.model.tiny = ml_collections.ConfigDict(dict(vocab_size=256))
+    c.model.backbone = "tiny"  # "tiny" (random, vocabulary from the data tokenizer) | "converted"
+    c.model.converted_dir = ""
+    c.model.tiny = ml_collections.ConfigDict(dict(image_size=64))  # overrides of InternVLConfig.tiny
     c.model.dtype = "float32"
     c.model.backbone_param_dtype = "float32"
-    c.model.heads = ml_collections.ConfigDict()
+    c.model.heads = multitask.default_heads_config()
+    c.model.heads.adapter_dim = 64
+    c.model.heads.embed_dim = 64
 
-    c.data = ml_collections.ConfigDict()
+    c.data = pipeline.default_config()
     c.data.name = "spatial_shapes"
-    c.data.train_split = "train"
+    c.data.builder_config = "tiny"
+    c.data.image_size = 64
+    c.data.num_image_tokens = 16  # (64 / 8)^2 patches, pixel shuffle 0.5
 
-    c.loss = ml_collections.ConfigDict(dict(itc=1.0, itm=1.0, box=0.1, spatial=0.1))
+    c.loss = losses.default_loss_config()
 
     c.optim = ml_collections.ConfigDict()
+    # Ordered (regex over '/'-joined parameter paths, group); first full match wins; 'frozen' = not trained.
     c.optim.rules = ((".*", "all"),)
     c.optim.groups = ml_collections.ConfigDict(dict(
         all=dict(lr=1e-3, weight_decay=0.01, schedule="cosine", warmup_frac=0.1, end_lr_frac=0.0)))
@@ -37,17 +47,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.decay_vectors = False
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.logical_rules = ()
+    c.logical_rules = ()  # () = sharding.LOGICAL_RULES
 
-    c.batch_size = 16
-    c.eval_batch_size = 32
-    c.num_train_steps = 100
-    c.log_every = 10
-    c.eval_every = 50
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.num_train_steps = 300
+    c.log_every = 25
+    c.eval_every = 150
     c.eval_splits = ("validation",)
     c.max_consecutive_nonfinite = 5
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2, best_metric="", best_mode="max",
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=2, best_metric="", best_mode="max",
                                                   async_save=True))
     c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="vlm_jax", run_id=""))
     return c

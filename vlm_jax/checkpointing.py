@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -106,9 +107,41 @@ def restore_backbone(init_from: str, abstract_backbone):
             raise ValueError(f"config.init_from={init_from!r} has no finished checkpoint.")
         item = os.path.join(init_from, CHECKPOINT_SUBDIR, str(max(steps)), "model")
         return _restore_partial(item, {"backbone": abstract_backbone})["backbone"]
+    return restore_converted(init_from, abstract_backbone)
+
+
+def converted_config(path: str):
+    """The InternVLConfig stored with a converted checkpoint (``python -m vlm_jax.convert``)."""
+    from vlm_jax.checkpoints import converted, hf
+    from vlm_jax.models.config import InternVLConfig
+
+    with open(os.path.join(path, converted.CONFIG_FILE)) as f:
+        meta = json.load(f)
+    if meta.get("format") != converted.FORMAT:
+        raise ValueError(f"{path}: unknown converted format {meta.get('format')!r}, expected {converted.FORMAT!r}.")
+    config = InternVLConfig.from_dict(meta["config"])
+    if config.image_token_id is None:
+        found = hf.tokenizer_token_id(path)
+        if found is None:
+            raise ValueError(f"{path}: no image_token_id in {converted.CONFIG_FILE} or the tokenizer files.")
+        config = config.replace(image_token_id=found)
+    return config
+
+
+def restore_converted(path: str, abstract_backbone):
+    """Backbone parameters from a converted checkpoint, read directly into the shardings and dtypes of
+    ``abstract_backbone`` (an abstract nnx.State of the InternVL module)."""
+    from flax import nnx
     from vlm_jax.checkpoints import converted
 
-    return converted.restore_state(init_from, abstract_backbone)
+    if not converted.is_converted(path):
+        raise ValueError(f"{path}: neither a training workdir nor a converted checkpoint ({converted.CONFIG_FILE}).")
+    target = nnx.to_pure_dict(abstract_backbone)
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(os.path.join(os.path.abspath(path), "params"), target)
+    state = jax.tree.map(lambda x: x, abstract_backbone)
+    nnx.replace_by_pure_dict(state, restored)
+    return state
 
 
 def restore_or_init(manager: ocp.CheckpointManager, *, init_from: str, abstract_model, abstract_train,
@@ -128,8 +161,12 @@ def restore_or_init(manager: ocp.CheckpointManager, *, init_from: str, abstract_
         return model, train, int(latest), f"resume:{latest}"
     model = init_model()
     if init_from:
-        backbone = restore_backbone(init_from, abstract_model["backbone"])
-        model["backbone"] = backbone
+        from flax import nnx
+
+        # Parameters only: other backbone variables (if any) keep their initial values.
+        abstract_params, _ = nnx.split_state(abstract_model["backbone"], nnx.Param, ...)
+        backbone = restore_backbone(init_from, abstract_params)
+        model["backbone"] = nnx.merge_state(model["backbone"], backbone)
         logging.info("Initialised the backbone from %s", init_from)
         source = f"init_from:{init_from}"
     else:

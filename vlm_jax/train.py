@@ -57,20 +57,34 @@ class TrainState:
 
 
 def backbone_config(config):
-    """InternVLConfig for ``config.model``: a tiny random model, or the config stored with a converted checkpoint."""
+    """InternVLConfig for ``config.model``: a tiny random model sized to the data's tokenizer, or the config stored
+    with a converted checkpoint. Checks that the data pipeline's tokens-per-tile agree with the model."""
     from vlm_jax.models.config import InternVLConfig
 
     kind = config.model.backbone
     if kind == "tiny":
-        return InternVLConfig.tiny(**config.model.tiny.to_dict())
-    if kind == "converted":
+        from vlm_jax.data import pipeline
+
+        tok = pipeline.make_tokenizer(config.data)
+        cfg = InternVLConfig.tiny(**config.model.tiny.to_dict(), vocab_size=len(tok),
+                                  image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    elif kind == "converted":
         from vlm_jax.checkpoints import converted
 
         path = config.model.get("converted_dir", "") or config.init_from
-        if not path:
-            raise ValueError("config.model.backbone='converted' needs config.model.converted_dir or config.init_from.")
-        return converted.load_config(path)
-    raise ValueError(f"config.model.backbone={kind!r}: expected 'tiny' or 'converted'.")
+        if not path or not converted.is_converted(path):
+            raise ValueError(f"config.model.backbone='converted' needs a converted checkpoint directory in "
+                             f"config.model.converted_dir or config.init_from, got {path!r}.")
+        cfg = checkpointing.converted_config(path)
+    else:
+        raise ValueError(f"config.model.backbone={kind!r}: expected 'tiny' or 'converted'.")
+    if config.data.num_image_tokens != cfg.num_image_tokens:
+        raise ValueError(f"config.data.num_image_tokens={config.data.num_image_tokens} but the model makes "
+                         f"{cfg.num_image_tokens} image tokens per tile (image_size {cfg.image_size}).")
+    if config.data.image_size != cfg.image_size:
+        raise ValueError(f"config.data.image_size={config.data.image_size} but the model's tile size is "
+                         f"{cfg.image_size}.")
+    return cfg
 
 
 def build_model(config, rngs: nnx.Rngs) -> nnx.Module:
