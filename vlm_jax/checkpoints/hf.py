@@ -383,8 +383,6 @@ def _flat_abstract(model_abstract) -> dict[str, jax.ShapeDtypeStruct]:
 def plan(cfg: InternVLConfig, layout: str, ckpt_shapes: dict[str, tuple[int, ...]],
          flax_shapes: dict[str, tuple[int, ...]]) -> list[tuple[Rule, list[list[str]]]]:
     """Match the table against the checkpoint; raise CheckpointMismatchError listing every problem."""
-    if layout == "transformers":
-        ckpt_shapes = {_native_name(k): v for k, v in ckpt_shapes.items()}
     rules = mapping_rules(cfg, layout)
     missing, mismatched, used, out = [], [], set(), []
     uncovered = set(flax_shapes) - {r.flax for r in rules}
@@ -418,26 +416,34 @@ def plan(cfg: InternVLConfig, layout: str, ckpt_shapes: dict[str, tuple[int, ...
     return out
 
 
-def _renamed_reader(ckpt: SafetensorsCheckpoint, layout: str) -> Callable[[str], np.ndarray]:
-    if layout != "transformers":
-        return ckpt.get
-    back = {_native_name(k): k for k in ckpt.shapes()}
-    return lambda name: ckpt.get(back[name])
-
-
 def load_flax_params(directory: str, cfg: InternVLConfig, layout: str, param_dtype, progress=None) -> dict:
-    """-> {flax path: np.ndarray in param_dtype}, after the strict check."""
+    """-> {flax path: np.ndarray in param_dtype} from a checkpoint directory, after the strict check."""
     ckpt = SafetensorsCheckpoint(directory)
+    return flax_params_from(ckpt.shapes(), ckpt.get, cfg, layout, param_dtype, progress)
+
+
+def flax_params_from(shapes: dict[str, tuple[int, ...]], get: Callable[[str], np.ndarray], cfg: InternVLConfig,
+                     layout: str, param_dtype, progress=None) -> dict:
+    """Map checkpoint tensors (names -> shapes, and a getter) to {flax path: np.ndarray in param_dtype}.
+
+    Works for files and for in-memory state dicts (e.g. a PyTorch model's, converted to numpy by `get`).
+    """
+    if layout == "transformers":
+        back = {_native_name(k): k for k in shapes}
+        shapes = {_native_name(k): v for k, v in shapes.items()}
+        get_native = lambda name: get(back[name])  # noqa: E731
+    else:
+        get_native = get
     abstract = nnx.eval_shape(lambda: InternVL(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     flax_abs = _flat_abstract(abstract)
-    steps = plan(cfg, layout, ckpt.shapes(), {k: tuple(v.shape) for k, v in flax_abs.items()})
-    get = _renamed_reader(ckpt, layout)
+    steps = plan(cfg, layout, shapes, {k: tuple(v.shape) for k, v in flax_abs.items()})
     np_dtype = np.dtype(param_dtype)
     out = {}
     for rule, names_per_layer in steps:
         shape = tuple(flax_abs[rule.flax].shape)
         per_shape = shape[1:] if rule.per_layer else shape
-        vals = [to_flax(rule, [get(n) for n in names], per_shape).astype(np_dtype) for names in names_per_layer]
+        vals = [to_flax(rule, [np.asarray(get_native(n)) for n in names], per_shape).astype(np_dtype)
+                for names in names_per_layer]
         out[rule.flax] = np.stack(vals) if rule.per_layer else vals[0]
         if progress is not None:
             progress(rule.flax)
