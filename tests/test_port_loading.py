@@ -133,3 +133,12 @@ def test_kv_cache_decode_equals_full_recomputation(padding):
     got = jnp.concatenate(steps, axis=1)
     m = np.asarray(valid).astype(bool)
     np.testing.assert_allclose(np.asarray(got)[m], np.asarray(full)[m], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["transformers", "opengvlab"])
+def test_save_hf_round_trip(loaded, native, tmp_path, layout):
+    hf.save_hf(str(tmp_path), loaded.module, loaded.config, layout=layout)
+    again = vlm_jax.load_pretrained(str(tmp_path), image_token_id=loaded.image_token_id)
+    px, ids, mask = hf_fixtures.padded_batch(native, num_images=(1, 2), seed=5)
+    np.testing.assert_array_equal(np.asarray(loaded(pixel_values=px, input_ids=ids, attention_mask=mask).logits),
+                                  np.asarray(again(pixel_values=px, input_ids=ids, attention_mask=mask).logits))

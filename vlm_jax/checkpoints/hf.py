@@ -477,3 +477,84 @@ def load_hf(directory: str, *, image_token_id: int | None = None, dtype="float32
     jdtype = jnp.dtype(dtype)
     flat = load_flax_params(directory, cfg, layout, jdtype, progress)
     return build_model(cfg, flat, dtype=jdtype, param_dtype=jdtype), cfg
+
+
+# ---- writing (Flax -> Hugging Face) -------------------------------------------------------------------------
+
+def to_hf_config_dict(cfg: InternVLConfig, layout: str = "transformers") -> dict:
+    """config.json content for `layout` ('transformers' or 'opengvlab'); inverse of `InternVLConfig.from_hf_dict`."""
+    v, t = cfg.vision, cfg.text
+    text = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=t.vocab_size,
+                hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, hidden_act="silu",
+                rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
+                tie_word_embeddings=t.tie_word_embeddings, use_sliding_window=False)
+    if t.head_dim != t.hidden_size // t.num_heads:
+        text["head_dim"] = t.head_dim
+    if layout == "transformers":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": t.rope_theta}
+        out = dict(
+            model_type="internvl", architectures=["InternVLForConditionalGeneration"],
+            vision_config=dict(
+                model_type="internvl_vision", hidden_size=v.hidden_size, num_hidden_layers=v.num_layers,
+                num_attention_heads=v.num_heads, intermediate_size=v.intermediate_size,
+                image_size=[v.image_size, v.image_size], patch_size=[v.patch_size, v.patch_size],
+                num_channels=v.num_channels, attention_bias=v.qkv_bias, use_qk_norm=v.qk_norm,
+                norm_type=v.norm_type, layer_norm_eps=v.layer_norm_eps, hidden_act="gelu", use_mean_pooling=True,
+                use_absolute_position_embeddings=True),
+            text_config=text, downsample_ratio=cfg.downsample_ratio, projector_hidden_act="gelu",
+            vision_feature_layer=cfg.select_layer, vision_feature_select_strategy="default",
+            tie_word_embeddings=t.tie_word_embeddings)
+        if cfg.image_token_id is not None:
+            out["image_token_id"] = cfg.image_token_id
+        return out
+    if layout == "opengvlab":
+        text["rope_theta"] = t.rope_theta
+        return dict(
+            model_type="internvl_chat", architectures=["InternVLChatModel"], force_image_size=v.image_size,
+            downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version, select_layer=cfg.select_layer,
+            template="internvl2_5", tie_word_embeddings=False,
+            vision_config=dict(
+                model_type="intern_vit_6b", architectures=["InternVisionModel"], hidden_size=v.hidden_size,
+                num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
+                intermediate_size=v.intermediate_size, image_size=v.image_size, patch_size=v.patch_size,
+                num_channels=v.num_channels, qkv_bias=v.qkv_bias, qk_normalization=v.qk_norm,
+                norm_type=v.norm_type, layer_norm_eps=v.layer_norm_eps, hidden_act="gelu"),
+            llm_config=text)
+    raise ValueError(f"layout must be 'transformers' or 'opengvlab', got {layout!r}")
+
+
+def save_hf(directory: str, module: InternVL, cfg: InternVLConfig, layout: str = "transformers",
+            dtype="float32") -> None:
+    """Write `module` as a Hugging Face checkpoint (config.json + model.safetensors) in `layout`.
+
+    The transformers layout uses the in-memory names (`model.*`, `lm_head.weight`), which transformers loads.
+    """
+    from safetensors.numpy import save_file
+
+    if layout == "opengvlab" and cfg.text.tie_word_embeddings:
+        raise ValueError("the OpenGVLab layout has no tied-embedding variant")
+    os.makedirs(directory, exist_ok=True)
+    pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    flat = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            path = f"{prefix}/{k}" if prefix else str(k)
+            if isinstance(v, dict):
+                walk(v, path)
+            else:
+                flat[path] = np.asarray(jnp.asarray(v, jnp.float32))
+
+    walk(pure, "")
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    tensors = {}
+    for rule in mapping_rules(cfg, layout):
+        value = flat[rule.flax]
+        layer_values = list(value) if rule.per_layer else [value]
+        for i, lv in enumerate(layer_values):
+            for name, arr in zip(rule.sources, from_flax(rule, lv, cfg)):
+                tensors[name.format(i=i)] = np.ascontiguousarray(arr.astype(np_dtype))
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(to_hf_config_dict(cfg, layout), f, indent=2)
