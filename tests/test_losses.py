@@ -154,6 +154,11 @@ def make_case(b=4, e=16, seed=0):
 FLOAT_KEYS = ("image_emb", "text_emb", "logit_scale", "itm_logits", "box_pred", "spatial_logits")
 
 
+def jit_total(outputs, batch, weights=None):
+    """Jitted total_loss (eager dispatch of its many small ops is slow on a busy CPU)."""
+    return jax.jit(lambda o, b: losses.total_loss(o, b, weights))(outputs, batch)
+
+
 def total_and_grads(outputs, batch, weights=None):
     """Jitted total loss and its gradient with respect to the float model outputs."""
     ints = {k: v for k, v in outputs.items() if k not in FLOAT_KEYS}
@@ -176,7 +181,7 @@ def test_total_is_weighted_sum_with_seed_defaults():
     assert float(total2) == pytest.approx(float(expect2), rel=1e-6)
     assert set(terms2) >= {"matryoshka_d4", "matryoshka_d16", "total"}
     with pytest.raises(ValueError, match="unknown keys"):
-        losses.total_loss(outputs, batch, {"itc_weight": 1.0})
+        jit_total(outputs, batch, {"itc_weight": 1.0})
 
 
 def test_nan_policy_masked_ignored_valid_propagates():
@@ -192,18 +197,18 @@ def test_nan_policy_masked_ignored_valid_propagates():
     np.testing.assert_array_equal(grads["box_pred"][1], 0.0)
     # NaN where a label is valid: the total is non-finite (the train step's finite check sees it).
     bad = dict(outputs, box_pred=outputs["box_pred"].at[0].set(jnp.nan))
-    assert not np.isfinite(float(losses.total_loss(bad, batch)[0]))
+    assert not np.isfinite(float(jit_total(bad, batch)[0]))
     bad = dict(outputs, image_emb=outputs["image_emb"].at[2, 3].set(jnp.inf))
-    assert not np.isfinite(float(losses.total_loss(bad, batch)[0]))
+    assert not np.isfinite(float(jit_total(bad, batch)[0]))
 
 
 def test_empty_batch_and_nothing_valid_give_zero_with_finite_grads():
     outputs, batch = make_case(b=0)
-    total, terms = losses.total_loss(outputs, batch, {"box_giou": 1.0})
+    total, terms = jit_total(outputs, batch, {"box_giou": 1.0})
     assert float(total) == 0.0 and all(np.isfinite(float(v)) for v in terms.values())
     outputs, batch = make_case(b=3)
     batch = dict(batch, has_box=jnp.zeros(3, bool), has_relation=jnp.zeros(3, bool))
-    total, terms = losses.total_loss(outputs, batch, {"box_giou": 1.0})
+    total, terms = jit_total(outputs, batch, {"box_giou": 1.0})
     assert float(terms["box"]) == 0.0 and float(terms["spatial"]) == 0.0
     _, grads = total_and_grads(outputs, batch, {"box_giou": 1.0})
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
@@ -224,3 +229,35 @@ def test_gradients_finite_on_edge_cases():
     one, one_batch = make_case(b=1)
     _, g1 = total_and_grads(one, one_batch)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(g1))
+
+
+def test_padding_rows_count_nowhere():
+    rng = np.random.default_rng(6)
+    img, txt = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(6, 8)).astype(np.float32)
+    ids = np.array([0, 1, 0, 2, 3, 4])
+    valid = np.array([True, True, True, False, True, False])
+    out = losses.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), 10.0, jnp.asarray(ids), jnp.asarray(valid))
+    assert float(out["loss"]) == pytest.approx(torch_clip_loss(img[valid], txt[valid], 10.0, ids[valid]), rel=1e-5)
+    neg = jax.jit(jax.vmap(lambda k: losses.sample_hard_negatives(jnp.asarray(img @ txt.T), jnp.asarray(ids), k,
+                                                                  jnp.asarray(valid))))(
+        jax.random.split(jax.random.key(2), 200))
+    assert valid[np.asarray(neg["neg_text"])[:, valid]].all() and valid[np.asarray(neg["neg_image"])[:, valid]].all()
+    assert not np.asarray(neg["neg_text_valid"])[:, ~valid].any()
+    # total_loss with `valid` equals total_loss on the valid rows alone (ITM rows checked through itm_pairs).
+    outputs, batch = make_case(b=6, seed=7)
+    keep = np.flatnonzero(valid)
+    pairs = np.concatenate([np.stack([np.arange(6)] * 2, 1), np.array([[0, 1], [1, 2], [2, 4], [3, 0], [4, 0],
+                                                                         [5, 1]])])
+    outputs = dict(outputs, itm_logits=outputs["itm_logits"][:12], itm_labels=outputs["itm_labels"][:12],
+                   itm_pairs=jnp.asarray(pairs))
+    full_batch = dict(batch, image_id=jnp.asarray(ids), valid=jnp.asarray(valid))
+    _, terms = jit_total(outputs, full_batch, {"box_giou": 1.0})
+    sub_out = {k: v[keep] for k, v in outputs.items() if k not in ("logit_scale", "itm_logits", "itm_labels",
+                                                                    "itm_pairs")}
+    pair_ok = valid[pairs[:, 0]] & valid[pairs[:, 1]]
+    sub_out.update(logit_scale=outputs["logit_scale"], itm_logits=outputs["itm_logits"][pair_ok],
+                   itm_labels=outputs["itm_labels"][pair_ok])
+    sub_batch = {k: v[keep] for k, v in full_batch.items() if k != "valid"}
+    _, sub_terms = jit_total(sub_out, sub_batch, {"box_giou": 1.0})
+    for k in ("itc", "itm", "box", "spatial", "total"):
+        assert float(terms[k]) == pytest.approx(float(sub_terms[k]), rel=1e-5), k

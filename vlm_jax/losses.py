@@ -65,7 +65,7 @@ def contrastive_logits(image_emb, text_emb, logit_scale):
     return logit_scale * (l2_normalize(image_emb) @ l2_normalize(text_emb).T)
 
 
-def contrastive_loss(image_emb, text_emb, logit_scale, image_ids=None):
+def contrastive_loss(image_emb, text_emb, logit_scale, image_ids=None, valid=None):
     """Symmetric InfoNCE (CLIP) over the (global) batch.
 
     Args:
@@ -74,23 +74,26 @@ def contrastive_loss(image_emb, text_emb, logit_scale, image_ids=None):
       logit_scale: float[] multiplier of the cosine similarities (the model's exp(log_scale), already clipped).
       image_ids: optional int[B]; pairs j != i with image_ids[j] == image_ids[i] (another caption of the same image)
         are removed from i's negatives instead of being pushed away as false negatives.
+      valid: optional bool[B]; rows with False (padding) are neither queries nor negatives.
     Returns:
-      {"loss": (i2t + t2i) / 2, "i2t": float[], "t2i": float[]}; all 0 for B = 0.
+      {"loss": (i2t + t2i) / 2, "i2t": float[], "t2i": float[]}; all 0 for B = 0 or no valid row.
     """
     batch = image_emb.shape[0]
     if batch == 0:
         zero = jnp.zeros((), jnp.float32)
         return {"loss": zero, "i2t": zero, "t2i": zero}
+    valid = jnp.ones(batch, bool) if valid is None else valid.astype(bool)
     logits = contrastive_logits(image_emb, text_emb, logit_scale)  # [B, B]
-    false_neg = _same_image(image_ids, batch) & ~jnp.eye(batch, dtype=bool)
-    logits = jnp.where(false_neg, _NEG, logits)
+    off_diag = ~jnp.eye(batch, dtype=bool)
+    remove = (_same_image(image_ids, batch) | ~valid[:, None] | ~valid[None, :]) & off_diag
+    logits = jnp.where(remove, _NEG, logits)
     diag = jnp.diagonal(logits)
-    i2t = jnp.mean(jax.nn.logsumexp(logits, axis=1) - diag)
-    t2i = jnp.mean(jax.nn.logsumexp(logits, axis=0) - diag)
+    i2t = _masked_mean(jax.nn.logsumexp(logits, axis=1) - diag, valid)
+    t2i = _masked_mean(jax.nn.logsumexp(logits, axis=0) - diag, valid)
     return {"loss": 0.5 * (i2t + t2i), "i2t": i2t, "t2i": t2i}
 
 
-def matryoshka_contrastive_loss(image_emb, text_emb, logit_scale, dims, image_ids=None):
+def matryoshka_contrastive_loss(image_emb, text_emb, logit_scale, dims, image_ids=None, valid=None):
     """Mean contrastive loss over nested prefixes of the embeddings (Matryoshka representation learning).
 
     Args: as `contrastive_loss`, plus `dims`: increasing widths, each <= E; prefix [:, :d] is re-normalised.
@@ -99,13 +102,13 @@ def matryoshka_contrastive_loss(image_emb, text_emb, logit_scale, dims, image_id
     width = image_emb.shape[-1]
     if not dims or any(d <= 0 or d > width for d in dims):
         raise ValueError(f"matryoshka_dims: expected widths in (0, {width}], got {tuple(dims)}")
-    terms = {f"d{d}": contrastive_loss(image_emb[:, :d], text_emb[:, :d], logit_scale, image_ids)["loss"]
+    terms = {f"d{d}": contrastive_loss(image_emb[:, :d], text_emb[:, :d], logit_scale, image_ids, valid)["loss"]
              for d in dims}
     terms["loss"] = sum(terms.values()) / len(dims)
     return terms
 
 
-def sample_hard_negatives(sim, image_ids=None, rng=None):
+def sample_hard_negatives(sim, image_ids=None, rng=None, valid=None):
     """In-batch hard negatives for ITM, ALBEF/BLIP style.
 
     For each image i, one negative text j with probability softmax_j(sim[i, j]) over texts of *other* images; for
@@ -117,13 +120,16 @@ def sample_hard_negatives(sim, image_ids=None, rng=None):
       sim: float[B, B] image-text similarities (gradients are stopped here).
       image_ids: optional int[B]; None = every row is a different image.
       rng: PRNG key or None.
+      valid: optional bool[B]; padding rows (False) are never drawn and get no negative.
     Returns:
       dict of int32[B] "neg_text" (for image i), "neg_image" (for text j) and bool[B] "neg_text_valid",
-      "neg_image_valid" (False when every other pair shows the same image; the index is then i itself).
+      "neg_image_valid" (False when no other valid pair shows another image, or the row itself is padding; the
+      index is then the row itself).
     """
     batch = sim.shape[0]
     sim = jax.lax.stop_gradient(sim).astype(jnp.float32)
-    allowed = ~_same_image(image_ids, batch)  # [B, B]
+    valid = jnp.ones(batch, bool) if valid is None else valid.astype(bool)
+    allowed = ~_same_image(image_ids, batch) & valid[:, None] & valid[None, :]  # [B, B]
     logits_i2t = jnp.where(allowed, sim, -jnp.inf)
     logits_t2i = jnp.where(allowed, sim, -jnp.inf).T  # row = text
     if rng is None:
@@ -233,18 +239,28 @@ def total_loss(outputs: Mapping, batch: Mapping, weights=None):
     Args:
       outputs: the MultitaskModel's dict: image_emb [B, E], text_emb [B, E], logit_scale [], itm_logits [N, 2],
         itm_labels [N], optional itm_valid [N], box_pred [B, 4], spatial_logits [B, C].
-      batch: the data batch: image_id [B], box [B, 4], has_box [B], relation [B], has_relation [B].
+      batch: the data batch: image_id [B], box [B, 4], has_box [B], relation [B], has_relation [B], and optionally
+        valid [B] (False on eval padding rows, which then count nowhere; ITM pairs are checked via itm_pairs).
       weights: mapping / ConfigDict with keys of `default_loss_config()` (missing keys take the defaults).
     Returns:
       (total float32[], dict of named float32[] terms: total, itc, itc_i2t, itc_t2i, itm, itm_acc, box, box_l1,
        box_giou, num_boxes, spatial, spatial_acc, logit_scale, and matryoshka(+ per width) when enabled).
     """
     w = _resolve_weights(weights)
-    image_ids = batch.get("image_id")
-    itc = contrastive_loss(outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"], image_ids)
-    itm = itm_loss(outputs["itm_logits"], outputs["itm_labels"], outputs.get("itm_valid"))
-    box = box_loss(outputs["box_pred"], batch["box"], batch["has_box"], w["box_l1"], w["box_giou"])
-    spatial = spatial_loss(outputs["spatial_logits"], batch["relation"], batch["has_relation"])
+    image_ids, valid = batch.get("image_id"), batch.get("valid")
+    itm_valid = outputs.get("itm_valid")
+    has_box, has_relation = batch["has_box"], batch["has_relation"]
+    if valid is not None:
+        valid = valid.astype(bool)
+        has_box, has_relation = has_box & valid, has_relation & valid
+        if "itm_pairs" in outputs:
+            pairs = outputs["itm_pairs"]
+            pair_ok = valid[pairs[:, 0]] & valid[pairs[:, 1]]
+            itm_valid = pair_ok if itm_valid is None else itm_valid & pair_ok
+    itc = contrastive_loss(outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"], image_ids, valid)
+    itm = itm_loss(outputs["itm_logits"], outputs["itm_labels"], itm_valid)
+    box = box_loss(outputs["box_pred"], batch["box"], has_box, w["box_l1"], w["box_giou"])
+    spatial = spatial_loss(outputs["spatial_logits"], batch["relation"], has_relation)
     total = (w["itc"] * itc["loss"] + w["itm"] * itm["loss"] + w["box"] * box["loss"]
              + w["spatial"] * spatial["loss"])
     terms = {
@@ -256,7 +272,7 @@ def total_loss(outputs: Mapping, batch: Mapping, weights=None):
     }
     if w["matryoshka"]:
         mrl = matryoshka_contrastive_loss(outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"],
-                                          tuple(w["matryoshka_dims"]), image_ids)
+                                          tuple(w["matryoshka_dims"]), image_ids, valid)
         total = total + w["matryoshka"] * mrl["loss"]
         terms.update({f"matryoshka_{k}" if k != "loss" else "matryoshka": v for k, v in mrl.items()})
     terms["total"] = total

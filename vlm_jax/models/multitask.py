@@ -176,7 +176,7 @@ class MultitaskModel(nnx.Module):
 
         sim = losses.contrastive_logits(image_emb, text_emb, scale)  # [B, B]
         rng = self.sample_rng() if train else None
-        neg = losses.sample_hard_negatives(sim, batch.get("image_id"), rng)
+        neg = losses.sample_hard_negatives(sim, batch.get("image_id"), rng, batch.get("valid"))
         # Pair order: positives (i, i); (image i, its negative text); (negative image of text j, text j).
         pair_image = jnp.concatenate([jnp.arange(b), jnp.arange(b), neg["neg_image"]])  # [3B]
         pair_text = jnp.concatenate([jnp.arange(b), neg["neg_text"], jnp.arange(b)])  # [3B]
