@@ -1,0 +1,193 @@
+"""Embeddings and image-text scores from a loaded InternVL, for notebooks and evaluation.
+
+Plain functions of the model (no session object): the jitted programs take the model's graph definition as a
+static argument, so calls on the same model reuse compiled code, and a model whose weights changed (training) is
+seen fresh on every call.
+
+    img = encode_images(model, ["a.jpg", "b.png"], tokenizer=tok)   # float32[N, D], unit norm
+    txt = encode_texts(model, ["a cat", "a dog"], tokenizer=tok)     # float32[M, D], unit norm
+    s = score(model, images, texts, tokenizer=tok)                   # float32[N, M] cosine similarities
+
+Pooling:
+- images: "cls" / "mean" read the vision tower (CLS token / mean of patch tokens; D = vision width). "lm_last" /
+  "lm_mean" run the image through the language model as the prompt `image_prompt` (default: the image block alone,
+  then EOS) and take the last token / mean over the prompt (D = LM width, the same space as the texts).
+- texts: "last" / "mean" over the language model's final hidden states of `text_prompt.format(text)` + EOS.
+`score` needs both sides in one space, so it takes the LM poolings only (defaults "lm_last" and "last").
+
+Each image is one tile at the model's image size (static shapes). Batches are padded to a power-of-two batch size
+(at most `batch_size`) and texts to a power-of-two length, so every call inside a bucket reuses its compiled
+program; a progress bar appears when there are many batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from vlm_jax.data import preprocess
+from vlm_jax.data.prompt import PromptBuilder
+
+IMAGE_POOLINGS = ("cls", "mean", "lm_last", "lm_mean")
+TEXT_POOLINGS = ("last", "mean")
+
+# Number of traces (compilations) of each jitted program; tests use it to check bucket reuse.
+TRACE_COUNTS = {"vision": 0, "lm": 0}
+
+
+def _next_pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
+def _vision_embed(graphdef, state, pixel_values, *, pooling: str):
+    """float[B, S, S, 3] -> float32[B, Dv], unit norm."""
+    TRACE_COUNTS["vision"] += 1
+    hidden = nnx.merge(graphdef, state).vision_hidden_states(pixel_values)  # [B, 1 + P, Dv]
+    pooled = hidden[:, 0] if pooling == "cls" else hidden[:, 1:].astype(jnp.float32).mean(axis=1)
+    return _l2_normalize(pooled)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
+def _lm_embed(graphdef, state, pixel_values, input_ids, attention_mask, *, pooling: str):
+    """Right-padded int[B, T] (+ images float[B, S, S, 3] or None) -> float32[B, D], unit norm."""
+    TRACE_COUNTS["lm"] += 1
+    model = nnx.merge(graphdef, state)
+    if pixel_values is None:
+        embeds = model.language_model.embed(input_ids)
+    else:
+        embeds = model.merge_image_embeddings(input_ids, model.image_embeddings(pixel_values))
+    hidden, _ = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask)  # [B, T, D]
+    hidden = hidden.astype(jnp.float32)
+    if pooling == "last":
+        last = jnp.sum(attention_mask, axis=-1) - 1  # right padding: the last real token
+        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    else:
+        m = attention_mask[..., None].astype(jnp.float32)
+        pooled = jnp.sum(hidden * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    return _l2_normalize(pooled)
+
+
+def _batches(n: int, batch_size: int, progress: bool | None, desc: str):
+    starts = range(0, n, batch_size)
+    show = len(starts) >= 4 if progress is None else progress
+    return tqdm(starts, desc=desc, disable=not show, leave=False)
+
+
+def _rows(n: int, batch_size: int) -> int:
+    """Rows per compiled batch: a power of two for small inputs, else batch_size (the last batch is padded)."""
+    return min(batch_size, _next_pow2(n))
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """Pads the leading axis to `rows` by repeating row 0 (valid input; the outputs are dropped)."""
+    if x.shape[0] == rows:
+        return x
+    return np.concatenate([x, np.repeat(x[:1], rows - x.shape[0], axis=0)])
+
+
+def _builder(model, tokenizer, template: str, max_length: int | None, image_size: int | None = None) -> PromptBuilder:
+    if tokenizer is None:
+        raise ValueError("this pooling runs the language model: pass tokenizer=")
+    tokens = model.config.num_image_tokens_for(image_size or model.config.image_size)
+    return PromptBuilder(tokenizer, tokens, template, max_length, padding_side="right")
+
+
+def _run_lm(model, seqs: list[list[int]], pixel_values: np.ndarray | None, builder: PromptBuilder,
+            pooling: str, batch_size: int, progress, desc: str) -> np.ndarray:
+    graphdef, state = nnx.split(model)
+    rows = _rows(len(seqs), batch_size)
+    out = []
+    for start in _batches(len(seqs), batch_size, progress, desc):
+        chunk = seqs[start:start + batch_size]
+        length = _next_pow2(max(len(s) for s in chunk), minimum=8)
+        ids, mask = builder.batch(chunk, length=length, padding_side="right")
+        px = None
+        if pixel_values is not None:
+            px = jnp.asarray(_pad_rows(pixel_values[start:start + batch_size], rows), model.dtype)
+        emb = _lm_embed(graphdef, state, px, jnp.asarray(_pad_rows(ids, rows)), jnp.asarray(_pad_rows(mask, rows)),
+                        pooling=pooling)
+        out.append(np.asarray(emb)[: len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, model.config.text.hidden_size), np.float32)
+
+
+def load_pixels(model, images: Sequence, image_size: int | None = None) -> np.ndarray:
+    """Images (paths, bytes, PIL, arrays) -> float32[N, S, S, 3], one tile each; errors name the image index."""
+    size = image_size or model.config.image_size
+    return np.stack([preprocess.single_tile(im, size, name=f"image {i}") for i, im in enumerate(images)]) \
+        if len(images) else np.zeros((0, size, size, 3), np.float32)
+
+
+def encode_images(model, images: Sequence, *, tokenizer=None, pooling: str = "lm_last",
+                  image_prompt: str = "<image>", template: str = "plain", batch_size: int = 16,
+                  progress: bool | None = None) -> np.ndarray:
+    """float32[N, D] unit-norm image embeddings (see the module docstring for `pooling`).
+
+    images: paths, encoded bytes, PIL images, uint8 arrays, or already preprocessed float32[N, S, S, 3].
+    """
+    if pooling not in IMAGE_POOLINGS:
+        raise ValueError(f"image pooling must be one of {IMAGE_POOLINGS}, got {pooling!r}")
+    if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
+        pixels = images
+    else:
+        pixels = load_pixels(model, images)
+    if pooling in ("cls", "mean"):
+        graphdef, state = nnx.split(model)
+        rows = _rows(len(pixels), batch_size)
+        out = []
+        for start in _batches(len(pixels), batch_size, progress, "images"):
+            chunk = pixels[start:start + batch_size]
+            px = jnp.asarray(_pad_rows(chunk, rows), model.dtype)
+            out.append(np.asarray(_vision_embed(graphdef, state, px, pooling=pooling))[: len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, model.config.vision.hidden_size), np.float32)
+    builder = _builder(model, tokenizer, template, None, pixels.shape[1])
+    seq = builder.prompt_ids(image_prompt, 1)
+    return _run_lm(model, [seq] * len(pixels), pixels, builder, pooling[3:], batch_size, progress, "images")
+
+
+def encode_texts(model, texts: Sequence[str], *, tokenizer, pooling: str = "last", text_prompt: str = "{}",
+                 template: str = "plain", max_length: int | None = 512, batch_size: int = 16,
+                 progress: bool | None = None) -> np.ndarray:
+    """float32[M, D] unit-norm text embeddings: `text_prompt.format(text)` in `template` (no images) + EOS.
+
+    Texts longer than max_length tokens are truncated (keeping EOS).
+    """
+    if pooling not in TEXT_POOLINGS:
+        raise ValueError(f"text pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
+    if isinstance(texts, str):
+        raise ValueError("texts must be a sequence of strings, not one string")
+    builder = _builder(model, tokenizer, template, max_length)
+    seqs = [builder.prompt_ids(text_prompt.format(t), None, index=i) for i, t in enumerate(texts)]
+    return _run_lm(model, seqs, None, builder, pooling, batch_size, progress, "texts")
+
+
+def score(model, images: Sequence, texts: Sequence[str], *, tokenizer, image_pooling: str = "lm_last",
+          text_pooling: str = "last", batch_size: int = 16, progress: bool | None = None, **prompt_kwargs) -> np.ndarray:
+    """Cosine similarities float32[N, M] between `encode_images` and `encode_texts` embeddings.
+
+    prompt_kwargs: image_prompt / text_prompt / template, forwarded to the encoders.
+    """
+    if not image_pooling.startswith("lm_"):
+        # The vision tower's space is not the language model's, even where the widths happen to agree.
+        raise ValueError(f"score needs image_pooling 'lm_last' or 'lm_mean' (the texts' space), got {image_pooling!r}")
+    image_kw = {k: v for k, v in prompt_kwargs.items() if k in ("image_prompt", "template")}
+    text_kw = {k: v for k, v in prompt_kwargs.items() if k in ("text_prompt", "template", "max_length")}
+    unknown = set(prompt_kwargs) - set(image_kw) - set(text_kw)
+    if unknown:
+        raise ValueError(f"unknown arguments {sorted(unknown)}")
+    img = encode_images(model, images, tokenizer=tokenizer, pooling=image_pooling, batch_size=batch_size,
+                        progress=progress, **image_kw)
+    txt = encode_texts(model, texts, tokenizer=tokenizer, pooling=text_pooling, batch_size=batch_size,
+                       progress=progress, **text_kw)
+    return img @ txt.T
