@@ -7,7 +7,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import PIL.Image
 import pytest
-import tensorflow_datasets as tfds
 
 from vlm_jax.data import pipeline, preprocess
 from vlm_jax.data import tokenizer as tok
@@ -231,3 +230,12 @@ def test_skipped_bad_records_are_reported(tmp_path):
     c.data_dir = str(tmp_path / "tfds2")
     with pytest.raises(ValueError, match=r"cocoid=1 .*COCO_val2014_000000000001\.jpg"):
         pipeline.make_iterator(c, split="train", train=True, global_batch_size=1, shard_index=0, shard_count=1)
+
+
+def test_unknown_config_fields_are_rejected():
+    c = pipeline.default_config()
+    c.max_txt_length = 3  # typo
+    with pytest.raises(ValueError, match="max_txt_length"):
+        pipeline.resolve_config(c)
+    partial = pipeline.resolve_config({"name": "refcoco"})  # unset fields take the defaults
+    assert partial.name == "refcoco" and partial.max_text_length == pipeline.default_config().max_text_length

@@ -1,6 +1,5 @@
 """spatial_shapes builder: schema, label balance, boxes and labels checked against the drawn pixels, determinism."""
 
-import collections
 import io
 import os
 import subprocess
@@ -85,6 +84,8 @@ def test_boxes_and_labels_match_the_drawn_pixels(built):
         for box, ref_box, label, subject, reference in zip(r["boxes"], r["reference_boxes"], r["relations"],
                                                            r["subjects"], r["references"]):
             assert rel.relation_from_boxes(box, ref_box) == label
+            if rel.RELATIONS[label] in ("inside", "outside"):
+                assert _text(subject).split()[0] != _text(reference).split()[0]  # the inner object is visible
             sbox, rbox = pixel_box(_text(subject)), pixel_box(_text(reference))
             if sbox is None or rbox is None:
                 continue
