@@ -236,3 +236,13 @@ def test_gradients_finite_through_total_loss(run):
     for head in ("vision_adapter", "text_adapter", "vision_proj", "itm_head", "box_head", "spatial_head",
                  "logit_scale"):
         assert any(np.abs(g).sum() > 0 for p, g in flat if p[0].key == head), head
+
+
+def test_first_token_pooling_ignores_the_caption(backbone):
+    """Why 'last' is the default: in a causal LM the first token's state cannot see the rest of the caption."""
+    ids = jnp.array([[5, 7, 9, 11], [5, 20, 30, 40]], jnp.int32)
+    mask = jnp.ones_like(ids)
+    hidden = nnx.jit(lambda bb, i, m: bb.language_model(input_ids=i, attention_mask=m)[0])(backbone, ids, mask)
+    first, last = pooling.pool_text(hidden, mask, "first"), pooling.pool_text(hidden, mask, "last")
+    np.testing.assert_allclose(first[0], first[1], atol=1e-6)
+    assert not np.allclose(last[0], last[1], atol=1e-3)
