@@ -239,3 +239,30 @@ def test_unknown_config_fields_are_rejected():
         pipeline.resolve_config(c)
     partial = pipeline.resolve_config({"name": "refcoco"})  # unset fields take the defaults
     assert partial.name == "refcoco" and partial.max_text_length == pipeline.default_config().max_text_length
+
+
+def test_retrieval_iterators_give_unique_images_and_all_captions(config):
+    _, source = pipeline.load_source(config, "validation")
+    by_id = {int(r["image_id"]): r for r in (source[i] for i in range(len(source)))}
+    tokenizer = pipeline.make_prompt_builder(config).tokenizer
+    seen_images, seen_captions = [], []
+    for shard in range(2):
+        images, captions = pipeline.make_retrieval_iterators(config, split="validation", global_batch_size=4,
+                                                             shard_index=shard, shard_count=2)
+        for b in images:
+            assert set(b) == {"image", "image_id", "valid"}
+            for i in np.nonzero(b["valid"])[0]:
+                image_id = int(b["image_id"][i])
+                seen_images.append(image_id)
+                np.testing.assert_allclose(b["image"][i], preprocess.single_tile(by_id[image_id]["image"], 16),
+                                           atol=1e-6)
+        for b in captions:
+            assert "image" not in b and b["text_ids"].shape == (2, 24)
+            for i in np.nonzero(b["valid"])[0]:
+                text = tokenizer.decode(b["text_ids"][i][: b["text_mask"][i].sum() - 1])
+                record = by_id[int(b["image_id"][i])]
+                k = [c.decode() for c in record["captions"]].index(text)  # the map points at the right image
+                np.testing.assert_array_equal(b["box"][i], record["boxes"][k])
+                seen_captions.append((int(b["image_id"][i]), k))
+    assert sorted(seen_images) == sorted(by_id)
+    assert sorted(seen_captions) == sorted((i, k) for i in by_id for k in range(2))

@@ -124,6 +124,23 @@ def test_deterministic_from_seed(tmp_path, built):
     assert [r["image"] for r in other] != [r["image"] for r in first]
 
 
+def test_relation_rules_and_ties():
+    # Hand-worked boxes (x right, y down).
+    ref = (10, 10, 20, 20)
+    assert rel.RELATIONS[rel.relation_from_boxes((12, 12, 18, 18), ref)] == "inside"
+    assert rel.RELATIONS[rel.relation_from_boxes((10, 10, 20, 20), ref)] == "inside"  # identical: rule 1 first
+    assert rel.RELATIONS[rel.relation_from_boxes((0, 0, 30, 30), ref)] == "outside"
+    assert rel.RELATIONS[rel.relation_from_boxes((0, 12, 5, 14), ref)] == "left"
+    assert rel.RELATIONS[rel.relation_from_boxes((25, 0, 30, 5), ref)] == "right"  # dx = dy = 12.5: horizontal
+    assert rel.RELATIONS[rel.relation_from_boxes((14, 0, 16, 4), ref)] == "above"
+    assert rel.RELATIONS[rel.relation_from_boxes((12, 30, 30, 40), ref)] == "below"
+    assert rel.RELATIONS[rel.relation_from_boxes((5, 14, 25, 16), ref)] == "left"  # same centre, not nested
+    with pytest.raises(ValueError, match="subject"):
+        rel.relation_from_boxes((5, 5, 1, 1), ref)
+    with pytest.raises(ValueError, match="reference"):
+        rel.relation_from_boxes((1, 1, 5, 5), (1, 2, 3))
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="pairs_per_image"):
         ss.make_config(pairs_per_image=3, min_objects=2)

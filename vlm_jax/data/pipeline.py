@@ -21,6 +21,9 @@ Batch fields (numpy, leading axis = this process's rows; see the contract):
     box          float32[B, 4], has_box bool[B], relation int32[B], has_relation bool[B]
     valid        bool[B]  (eval only) False on the padding rows that even out the processes' batch counts
 
+Retrieval evaluation without recomputing an image per caption: `make_retrieval_iterators` gives the split's unique
+images and all its captions (with `image_id` as the caption -> image map) as two iterators.
+
 Determinism and resume: the order depends only on (seed, shard, config); `PipelineIterator` is a grain
 `DatasetIterator`, so `get_state()`/`set_state()` resume exactly and `checkpoint_args(it)` /
 `checkpoint_restore_args(it)` are the items to put into an orbax `ocp.args.Composite` checkpoint.
@@ -220,39 +223,47 @@ class _Encoder:
         self._prompts = copy.copy(self.builder)
         self._prompts.max_length = self.prompt_length
 
-    def __call__(self, record: dict, k: int) -> dict:
+    def image(self, record: dict) -> tuple[dict, int]:
+        """({"image", "image_id"[, "num_tiles"]}, number of tiles)."""
         image_id = int(record["image_id"])
         name = f"{self.dataset} image_id={image_id}"
+        out = {"image_id": np.int32(image_id)}
         if self.dynamic_tiles:
             tiles = preprocess.dynamic_tiles(record["image"], self.image_size, self.min_tiles, self.max_tiles,
                                              self.use_thumbnail, name=name)
             n = len(tiles)
-            image = np.zeros((self.tiles_dim, *tiles.shape[1:]), np.float32)
-            image[:n] = tiles
+            out["image"] = np.zeros((self.tiles_dim, *tiles.shape[1:]), np.float32)
+            out["image"][:n] = tiles
+            out["num_tiles"] = np.int32(n)
         else:
-            image, n = preprocess.single_tile(record["image"], self.image_size, name=name), 1
-        caption = _text(record["captions"][k])
-        before = self._captions.num_truncated, self._prompts.num_truncated
-        text = self._captions.caption_ids(caption)
-        prompt = self._prompts.prompt_ids(caption, n)
-        text_ids, text_mask = self._captions.batch([text], length=self.text_length, padding_side="right")
-        prompt_ids, prompt_mask = self._prompts.batch([prompt], length=self.prompt_length, padding_side="right")
-        out = {
-            "image": image.astype(np.float32),
-            "image_id": np.int32(image_id),
-            "text_ids": text_ids[0],
-            "text_mask": text_mask[0],
-            "prompt_ids": prompt_ids[0],
-            "prompt_mask": prompt_mask[0],
+            out["image"], n = preprocess.single_tile(record["image"], self.image_size, name=name), 1
+        return out, n
+
+    def caption(self, record: dict, k: int) -> dict:
+        """Caption k's text tower input and labels: text_ids/mask, box, has_box, relation, has_relation."""
+        before = self._captions.num_truncated
+        ids, mask = self._captions.batch([self._captions.caption_ids(_text(record["captions"][k]))],
+                                         length=self.text_length, padding_side="right")
+        return {
+            "image_id": np.int32(record["image_id"]),
+            "text_ids": ids[0],
+            "text_mask": mask[0],
             "box": np.asarray(record["boxes"][k], np.float32),
             "has_box": np.bool_(record["has_box"][k]),
             "relation": np.int32(record["relations"][k]),
             "has_relation": np.bool_(record["has_relation"][k]),
-            "_truncated_captions": np.int32(self._captions.num_truncated > before[0]),
-            "_truncated_prompts": np.int32(self._prompts.num_truncated > before[1]),
+            "_truncated_captions": np.int32(self._captions.num_truncated > before),
         }
-        if self.dynamic_tiles:
-            out["num_tiles"] = np.int32(n)
+
+    def __call__(self, record: dict, k: int) -> dict:
+        """The full example: image, caption and the prompt with the image block(s) followed by the caption."""
+        out, n = self.image(record)
+        out.update(self.caption(record, k))
+        before = self._prompts.num_truncated
+        ids, mask = self._prompts.batch([self._prompts.prompt_ids(_text(record["captions"][k]), n)],
+                                        length=self.prompt_length, padding_side="right")
+        out.update(prompt_ids=ids[0], prompt_mask=mask[0],
+                   _truncated_prompts=np.int32(self._prompts.num_truncated > before))
         return out
 
 
@@ -271,14 +282,24 @@ class _RandomCaption:
 
 @dataclasses.dataclass
 class _Pair:
-    """Eval: the (record, caption) pair at a flat position; padding positions repeat pair 0 with valid=False."""
+    """Eval: the item at a flat position (record, caption, valid); padding rows repeat item 0 with valid=False.
+
+    part: "pairs" = full examples; "images" = image fields only (caption ignored); "captions" = caption fields only.
+    """
 
     source: Any
     encode: _Encoder
+    part: str = "pairs"
 
-    def __call__(self, pair) -> dict:
-        record_index, k, valid = (int(v) for v in pair)
-        out = self.encode(self.source[record_index], k)
+    def __call__(self, item) -> dict:
+        record_index, k, valid = (int(v) for v in item)
+        record = self.source[record_index]
+        if self.part == "images":
+            out = self.encode.image(record)[0]
+        elif self.part == "captions":
+            out = self.encode.caption(record, k)
+        else:
+            out = self.encode(record, k)
         out["valid"] = np.bool_(valid)
         return out
 
@@ -299,7 +320,7 @@ class PipelineIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         batch = dict(next(self._parent))
         for name in COUNTERS:
-            self._counts[name] += int(np.sum(batch.pop("_" + name)))
+            self._counts[name] += int(np.sum(batch.pop("_" + name, 0)))
         self._counts["examples"] += len(batch["image_id"])
         return batch
 
@@ -336,19 +357,50 @@ def _ensure_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _eval_pairs(builder, source, shard_index: int, shard_count: int, local_batch_size: int) -> np.ndarray:
-    """int64[P, 3] (record, caption, valid): this shard's pairs, padded so every shard has the same batch count."""
+def _caption_counts(builder, source) -> list[int]:
     (k,) = builder.info.features["captions"].shape
     # A fixed number of captions per record needs no scan; a variable one reads every record once.
-    counts = [k] * len(source) if k else [len(source[i]["captions"]) for i in range(len(source))]
-    pairs = np.asarray([(i, k) for i, n in enumerate(counts) for k in range(n)], np.int64).reshape(-1, 2)
-    per_shard = math.ceil(len(pairs) / shard_count)
+    return [k] * len(source) if k else [len(source[i]["captions"]) for i in range(len(source))]
+
+
+def _eval_items(items: np.ndarray, shard_index: int, shard_count: int, local_batch_size: int) -> np.ndarray:
+    """int64[P, 3] (record, caption, valid): this shard's items, padded so every shard has the same batch count."""
+    per_shard = math.ceil(len(items) / shard_count)
     num_batches = max(1, math.ceil(per_shard / local_batch_size))
-    mine = pairs[shard_index::shard_count]
+    mine = items[shard_index::shard_count]
     out = np.zeros((num_batches * local_batch_size, 3), np.int64)
     out[: len(mine), :2] = mine
     out[: len(mine), 2] = 1
     return out
+
+
+def _setup(data_config, split, train, global_batch_size, shard_index, shard_count, prompt_builder):
+    data_config = resolve_config(data_config)
+    shard_index = jax.process_index() if shard_index is None else int(shard_index)
+    shard_count = jax.process_count() if shard_count is None else int(shard_count)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+    if global_batch_size % shard_count:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {shard_count} processes")
+    builder, source = load_source(data_config, split)
+    pb = prompt_builder if prompt_builder is not None else make_prompt_builder(data_config)
+    dynamic = bool(not train and data_config.eval_dynamic_tiles)
+    encode = _Encoder(dataset=builder.name, builder=pb, image_size=int(data_config.image_size),
+                      text_length=int(data_config.max_text_length), prompt_length=prompt_length(data_config, train),
+                      dynamic_tiles=dynamic, min_tiles=int(data_config.min_tiles),
+                      max_tiles=int(data_config.max_tiles), use_thumbnail=bool(data_config.use_thumbnail),
+                      tiles_dim=max_tiles_per_image(data_config, train))
+    return data_config, shard_index, shard_count, global_batch_size // shard_count, builder, source, encode
+
+
+def _finish(ds: grain.MapDataset, data_config, builder) -> PipelineIterator:
+    iter_ds = ds.to_iter_dataset()
+    if data_config.num_workers > 0:
+        _ensure_flags_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=int(data_config.num_workers), per_worker_buffer_size=int(data_config.worker_buffer_size)))
+    skipped = int(builder.info.metadata.get("num_skipped_records", 0)) if builder.info.metadata else 0
+    return PipelineIterator(iter(iter_ds), skipped_bad_records=skipped)
 
 
 def make_iterator(data_config, *, split: str, train: bool, global_batch_size: int, seed: int | None = None,
@@ -362,23 +414,9 @@ def make_iterator(data_config, *, split: str, train: bool, global_batch_size: in
     shard_index/shard_count default to jax.process_index()/jax.process_count(); each shard reads a disjoint
     1/shard_count of the records (train) or pairs (eval).
     """
-    data_config = resolve_config(data_config)
-    shard_index = jax.process_index() if shard_index is None else int(shard_index)
-    shard_count = jax.process_count() if shard_count is None else int(shard_count)
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
-    if global_batch_size % shard_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {shard_count} processes")
-    local_batch_size = global_batch_size // shard_count
+    data_config, shard_index, shard_count, local_batch_size, builder, source, encode = _setup(
+        data_config, split, train, global_batch_size, shard_index, shard_count, prompt_builder)
     seed = int(data_config.seed if seed is None else seed)
-    builder, source = load_source(data_config, split)
-    pb = prompt_builder if prompt_builder is not None else make_prompt_builder(data_config)
-    dynamic = bool(not train and data_config.eval_dynamic_tiles)
-    encode = _Encoder(dataset=builder.name, builder=pb, image_size=int(data_config.image_size),
-                      text_length=int(data_config.max_text_length), prompt_length=prompt_length(data_config, train),
-                      dynamic_tiles=dynamic, min_tiles=int(data_config.min_tiles),
-                      max_tiles=int(data_config.max_tiles), use_thumbnail=bool(data_config.use_thumbnail),
-                      tiles_dim=max_tiles_per_image(data_config, train))
     if train:
         indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
         if len(indices) < local_batch_size:
@@ -388,15 +426,34 @@ def make_iterator(data_config, *, split: str, train: bool, global_batch_size: in
         ds = indices.shuffle(seed=seed).random_map(_RandomCaption(source, encode), seed=seed).repeat(epochs)
         ds = ds.batch(local_batch_size, drop_remainder=True)
     else:
-        pairs = _eval_pairs(builder, source, shard_index, shard_count, local_batch_size)
-        ds = grain.MapDataset.source(pairs).map(_Pair(source, encode)).batch(local_batch_size)
-    iter_ds = ds.to_iter_dataset()
-    if data_config.num_workers > 0:
-        _ensure_flags_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=int(data_config.num_workers), per_worker_buffer_size=int(data_config.worker_buffer_size)))
-    skipped = int(builder.info.metadata.get("num_skipped_records", 0)) if builder.info.metadata else 0
-    return PipelineIterator(iter(iter_ds), skipped_bad_records=skipped)
+        counts = _caption_counts(builder, source)
+        pairs = np.asarray([(i, k) for i, n in enumerate(counts) for k in range(n)], np.int64).reshape(-1, 2)
+        items = _eval_items(pairs, shard_index, shard_count, local_batch_size)
+        ds = grain.MapDataset.source(items).map(_Pair(source, encode)).batch(local_batch_size)
+    return _finish(ds, data_config, builder)
+
+
+def make_retrieval_iterators(data_config, *, split: str, global_batch_size: int, shard_index: int | None = None,
+                             shard_count: int | None = None,
+                             prompt_builder: prompt_lib.PromptBuilder | None = None
+                             ) -> tuple[PipelineIterator, PipelineIterator]:
+    """(images, captions) of `split` for two-tower retrieval, each image encoded once.
+
+    images:   image, image_id (each image of the split once; with `eval_dynamic_tiles` also num_tiles), valid
+    captions: text_ids, text_mask, image_id (the caption -> image map), box, has_box, relation, has_relation, valid
+    Both are sharded over processes like the eval pairs and padded (valid=False) to equal batch counts.
+    """
+    data_config, shard_index, shard_count, local_batch_size, builder, source, encode = _setup(
+        data_config, split, False, global_batch_size, shard_index, shard_count, prompt_builder)
+    counts = _caption_counts(builder, source)
+    images = np.asarray([(i, 0) for i in range(len(source))], np.int64).reshape(-1, 2)
+    captions = np.asarray([(i, k) for i, n in enumerate(counts) for k in range(n)], np.int64).reshape(-1, 2)
+    out = []
+    for part, items in (("images", images), ("captions", captions)):
+        items = _eval_items(items, shard_index, shard_count, local_batch_size)
+        ds = grain.MapDataset.source(items).map(_Pair(source, encode, part)).batch(local_batch_size)
+        out.append(_finish(ds, data_config, builder))
+    return out[0], out[1]
 
 
 # ------------------------------------------------------------------------------------------------------------------
