@@ -91,6 +91,12 @@ def test_generate_end_to_end_matches_transformers_and_stops_at_eos(setup):
         want = want[: want.index(eos) + 1]
     assert result.token_ids == want
     assert result.text == tok.decode(want, skip_special_tokens=True)
+    # The plain template continues the text (its prompt does not end with EOS).
+    plain = generation.generate(model, tok, [image], "a red", max_new_tokens=NEW, template="plain")
+    assert plain.prompt_ids[-1] != eos and plain.prompt_ids[0] == tok.convert_tokens_to_ids(tokenizer.IMG_START)
+    ids_plain = np.asarray([plain.prompt_ids])
+    want = _hf_generate(ckpt, ids_plain, np.ones_like(ids_plain), tiles, NEW, eos=eos)[0].tolist()
+    assert plain.token_ids == (want[: want.index(eos) + 1] if eos in want else want)
     # Stopping: with EOS forced as the most likely next token after the first, generation ends there.
     first = result.token_ids[0]
     out = generation.generate_ids(model, ids, np.ones_like(ids), tiles, max_new_tokens=NEW, eos_token_id=first,

@@ -123,6 +123,8 @@ def test_image_tag_mismatch_names_the_sample(tok):
         builder.prompt_ids("literal <IMG_CONTEXT>", None)
     with pytest.raises(ValueError, match="template"):
         prompt.PromptBuilder(tok, 1, template="chatml")
+    with pytest.raises(ValueError, match=">= 1"):
+        prompt.PromptBuilder(tok, 0)
 
 
 def test_batch_padding_sides_and_fixed_length(tok):
@@ -169,7 +171,7 @@ def test_load_tokenizer_errors(tmp_path):
     backend = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="lacks InternVL tokens"):
+    with pytest.raises(ValueError, match="lacks InternVL image tokens"):
         tokenizer.load_tokenizer(tmp_path / "plain")
 
 

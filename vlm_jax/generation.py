@@ -185,6 +185,8 @@ def generate(model, tokenizer, images=None, prompt: str = "", max_new_tokens: in
              for i, im in enumerate(images)]
     builder = PromptBuilder(tokenizer, model.config.num_image_tokens, template, system_message=system_message)
     prompt_ids = builder.prompt_ids(prompt, [len(t) for t in tiles])
+    if template == "plain":
+        prompt_ids = prompt_ids[:-1]  # "plain" ends sequences with EOS; here the model continues the text instead
     pixel_values = np.concatenate(tiles) if tiles else None
     ids = np.asarray([prompt_ids], np.int32)
     out = generate_ids(model, ids, np.ones_like(ids), pixel_values, max_new_tokens=max_new_tokens,

@@ -57,14 +57,21 @@ class PromptBuilder:
         self.system_message = system_message
         self.padding_side = padding_side
         self.num_truncated = 0
-        ids = tokenizer.convert_tokens_to_ids([tok.IMG_START, tok.IMG_END, tok.IMG_CONTEXT, tok.IM_END])
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if any(i is None or (unk is not None and i == unk) for i in ids):
-            raise ValueError(f"tokenizer lacks one of {tok.IMG_START}, {tok.IMG_END}, {tok.IMG_CONTEXT}, {tok.IM_END}")
-        self.img_start_id, self.img_end_id, self.img_context_id, self.eos_id = ids
-        if tokenizer.pad_token_id is None:
-            raise ValueError("tokenizer has no pad token")
+        vocab = tokenizer.get_vocab()
+        needed = [tok.IMG_START, tok.IMG_END, tok.IMG_CONTEXT]
+        if template == "internvl2_5":
+            needed += [tok.IM_START, tok.IM_END]
+        missing = [t for t in needed if t not in vocab]
+        if missing:
+            raise ValueError(f"tokenizer lacks {missing} (needed by the {template!r} template)")
+        self.img_start_id, self.img_end_id, self.img_context_id = (vocab[t] for t in needed[:3])
+        # EOS is <|im_end|> for InternVL tokenizers; other tokenizers (plain template) fall back to their own.
+        self.eos_id = vocab.get(tok.IM_END, tokenizer.eos_token_id)
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer has neither {tok.IM_END} nor an eos token")
         self.pad_id = tokenizer.pad_token_id
+        if self.pad_id is None:
+            raise ValueError("tokenizer has no pad token")
 
     # ---- single sequences -------------------------------------------------------------------------------------
 

@@ -93,8 +93,8 @@ def build_demo_tokenizer(words: Iterable[str]) -> transformers.PreTrainedTokeniz
 def load_tokenizer(checkpoint_dir: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer saved in `checkpoint_dir` (offline; no remote code).
 
-    Raises ValueError when the directory holds no tokenizer files, or when the tokenizer lacks a token InternVL
-    prompts need.
+    Raises ValueError when the directory holds no tokenizer files, or when the tokenizer lacks the image tokens
+    (`<img>`, `</img>`, `<IMG_CONTEXT>`). The chat tokens are checked by `PromptBuilder` for the template used.
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     if not os.path.isdir(checkpoint_dir):
@@ -105,7 +105,7 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike) -> transformers.PreTrained
         checkpoint_dir, local_files_only=True, trust_remote_code=False
     )
     vocab = tokenizer.get_vocab()
-    missing = [t for t in (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT) if t not in vocab]
+    missing = [t for t in (IMG_START, IMG_END, IMG_CONTEXT) if t not in vocab]
     if missing:
-        raise ValueError(f"tokenizer in {checkpoint_dir!r} lacks InternVL tokens {missing}")
+        raise ValueError(f"tokenizer in {checkpoint_dir!r} lacks InternVL image tokens {missing}")
     return tokenizer
