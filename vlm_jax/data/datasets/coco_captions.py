@@ -62,6 +62,7 @@ class CocoCaptions(datasets.ManualBuilder):
             }),
             homepage="https://cocodataset.org/",
             metadata=self._metadata(),
+            disable_shuffling=True,  # records in split-file order; the pipeline shuffles
         )
 
     def _split_generators(self, dl_manager):

@@ -73,6 +73,7 @@ class RefCoco(datasets.ManualBuilder):
             }),
             homepage="https://github.com/lichengunc/refer",
             metadata=self._metadata(),
+            disable_shuffling=True,  # records in split-file order; the pipeline shuffles
         )
 
     def _split_generators(self, dl_manager):
