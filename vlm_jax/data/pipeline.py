@@ -82,7 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.image_size = 32  # InternVLConfig.tiny(): 32 px tiles, 4 tokens per tile
     c.num_image_tokens = 4
     c.template = "plain"  # "plain" | "internvl2_5"
-    c.tokenizer = "demo"  # "demo" (built from the dataset's words) or a directory with tokenizer files
+    # "demo": build_demo_tokenizer over spatial_shapes' words (other datasets fall back to bytes: use a real one),
+    # or a directory with tokenizer files (a checkpoint's).
+    c.tokenizer = "demo"
     c.max_text_length = 24
     c.max_prompt_length = -1  # -1 = num_image_tokens * max tiles + max_text_length + 16
     c.eval_dynamic_tiles = False
@@ -183,8 +185,8 @@ def prompt_length(data_config, train: bool) -> int:
     data_config = resolve_config(data_config)
     if data_config.max_prompt_length > 0:
         return int(data_config.max_prompt_length)
-    return int(data_config.num_image_tokens) * max_tiles_per_image(data_config, train) + \
-        int(data_config.max_text_length) + 16
+    image_tokens = int(data_config.num_image_tokens) * max_tiles_per_image(data_config, train)
+    return image_tokens + int(data_config.max_text_length) + 16  # 16: template tokens and image delimiters
 
 
 def make_prompt_builder(data_config, tokenizer=None) -> prompt_lib.PromptBuilder:
