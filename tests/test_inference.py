@@ -105,3 +105,21 @@ def test_errors(setup):
         inference.encode_texts(model, TEXTS, tokenizer=tok, pooling="first")
     with pytest.raises(ValueError, match="sequence of strings"):
         inference.encode_texts(model, "a red square", tokenizer=tok)
+
+
+def test_dynamic_tiles_match_transformers(setup):
+    tok, ckpt, model, images = setup
+    builder = PromptBuilder(tok, ckpt.num_image_tokens, "plain")
+    tiles = [preprocess.dynamic_tiles(im, ckpt.image_size, 1, 6) for im in images]
+    assert sorted({len(t) for t in tiles}) != [1]  # some images really get several tiles
+    want = np.concatenate([_torch_lm_multi(ckpt, builder.prompt_ids("<image>", len(t)), t) for t in tiles])
+    got = inference.encode_images(model, images, tokenizer=tok, max_tiles=6, batch_size=4)  # + 1 padding row
+    np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def _torch_lm_multi(ckpt, seq, tiles):
+    """Last-token embedding of one sequence whose image block holds all `tiles` float[N, S, S, 3]."""
+    with torch.no_grad():
+        hidden = ckpt.model.model(input_ids=torch.tensor([seq]),
+                                  pixel_values=torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous())
+    return _unit(hidden.last_hidden_state[0, -1:].numpy())

@@ -15,7 +15,8 @@ Pooling:
 - texts: "last" / "mean" over the language model's final hidden states of `text_prompt.format(text)` + EOS.
 `score` needs both sides in one space, so it takes the LM poolings only (defaults "lm_last" and "last").
 
-Each image is one tile at the model's image size (static shapes). Batches are padded to a power-of-two batch size
+Each image is one tile at the model's image size (static shapes) unless `max_tiles` asks for InternVL's dynamic
+tiling (LM poolings; the tile count is bucketed too). Batches are padded to a power-of-two batch size
 (at most `batch_size`) and texts to a power-of-two length, so every call inside a bucket reuses its compiled
 program; a progress bar appears when there are many batches.
 """
@@ -104,10 +105,12 @@ def _builder(model, tokenizer, template: str, max_length: int | None, image_size
     return PromptBuilder(tokenizer, tokens, template, max_length, padding_side="right")
 
 
-def _run_lm(model, seqs: list[list[int]], pixel_values: np.ndarray | None, builder: PromptBuilder,
-            pooling: str, batch_size: int, progress, desc: str) -> np.ndarray:
+def _run_lm(model, seqs: list[list[int]], pixel_values: np.ndarray | None, tiles: list[int] | None,
+            builder: PromptBuilder, pooling: str, batch_size: int, progress, desc: str) -> np.ndarray:
+    """Pooled LM embeddings of id lists; pixel_values float[sum(tiles), S, S, 3] hold tiles[i] tiles for seqs[i]."""
     graphdef, state = nnx.split(model)
     rows = _rows(len(seqs), batch_size)
+    offsets = np.cumsum([0] + list(tiles or []))
     out = []
     for start in _batches(len(seqs), batch_size, progress, desc):
         chunk = seqs[start:start + batch_size]
@@ -115,7 +118,10 @@ def _run_lm(model, seqs: list[list[int]], pixel_values: np.ndarray | None, build
         ids, mask = builder.batch(chunk, length=length, padding_side="right")
         px = None
         if pixel_values is not None:
-            px = jnp.asarray(_pad_rows(pixel_values[start:start + batch_size], rows), model.dtype)
+            # Padding rows repeat sequence 0 and come last, so their image tokens only read rows past the real
+            # tiles (or clipped ones): real rows are unaffected and padded rows' outputs are dropped.
+            px = pixel_values[offsets[start]:offsets[start + len(chunk)]]
+            px = jnp.asarray(_pad_rows(px, max(rows, _next_pow2(len(px)))), model.dtype)
         emb = _lm_embed(graphdef, state, px, jnp.asarray(_pad_rows(ids, rows)), jnp.asarray(_pad_rows(mask, rows)),
                         pooling=pooling)
         out.append(np.asarray(emb)[: len(chunk)])
@@ -130,18 +136,27 @@ def load_pixels(model, images: Sequence, image_size: int | None = None) -> np.nd
 
 
 def encode_images(model, images: Sequence, *, tokenizer=None, pooling: str = "lm_last",
-                  image_prompt: str = "<image>", template: str = "plain", batch_size: int = 16,
-                  progress: bool | None = None) -> np.ndarray:
+                  image_prompt: str = "<image>", template: str = "plain", max_tiles: int | None = None,
+                  batch_size: int = 16, progress: bool | None = None) -> np.ndarray:
     """float32[N, D] unit-norm image embeddings (see the module docstring for `pooling`).
 
-    images: paths, encoded bytes, PIL images, uint8 arrays, or already preprocessed float32[N, S, S, 3].
+    images: paths, encoded bytes, PIL images, uint8 arrays, or already preprocessed single tiles float32[N, S, S, 3].
+    max_tiles: LM poolings only; None = one tile per image, else InternVL dynamic tiling (up to max_tiles tiles +
+    thumbnail per image, all in the image's `<image>` block).
     """
     if pooling not in IMAGE_POOLINGS:
         raise ValueError(f"image pooling must be one of {IMAGE_POOLINGS}, got {pooling!r}")
+    if max_tiles is not None and not pooling.startswith("lm_"):
+        raise ValueError(f"max_tiles needs an LM pooling ('lm_last' / 'lm_mean'), got {pooling!r}")
     if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
+        if max_tiles is not None:
+            raise ValueError("max_tiles needs raw images, not preprocessed pixel arrays")
         pixels = images
-    else:
+    elif max_tiles is None:
         pixels = load_pixels(model, images)
+    else:
+        per_image = [preprocess.dynamic_tiles(im, model.config.image_size, 1, max_tiles, name=f"image {i}")
+                     for i, im in enumerate(images)]
     if pooling in ("cls", "mean"):
         graphdef, state = nnx.split(model)
         rows = _rows(len(pixels), batch_size)
@@ -151,9 +166,15 @@ def encode_images(model, images: Sequence, *, tokenizer=None, pooling: str = "lm
             px = jnp.asarray(_pad_rows(chunk, rows), model.dtype)
             out.append(np.asarray(_vision_embed(graphdef, state, px, pooling=pooling))[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, model.config.vision.hidden_size), np.float32)
+    if max_tiles is None:
+        tiles = [1] * len(pixels)
+    else:
+        tiles = [len(t) for t in per_image]
+        size = model.config.image_size
+        pixels = np.concatenate(per_image) if per_image else np.zeros((0, size, size, 3), np.float32)
     builder = _builder(model, tokenizer, template, None, pixels.shape[1])
-    seq = builder.prompt_ids(image_prompt, 1)
-    return _run_lm(model, [seq] * len(pixels), pixels, builder, pooling[3:], batch_size, progress, "images")
+    seqs = [builder.prompt_ids(image_prompt, n, index=i) for i, n in enumerate(tiles)]
+    return _run_lm(model, seqs, pixels, tiles, builder, pooling[3:], batch_size, progress, "images")
 
 
 def encode_texts(model, texts: Sequence[str], *, tokenizer, pooling: str = "last", text_prompt: str = "{}",
@@ -169,19 +190,19 @@ def encode_texts(model, texts: Sequence[str], *, tokenizer, pooling: str = "last
         raise ValueError("texts must be a sequence of strings, not one string")
     builder = _builder(model, tokenizer, template, max_length)
     seqs = [builder.prompt_ids(text_prompt.format(t), None, index=i) for i, t in enumerate(texts)]
-    return _run_lm(model, seqs, None, builder, pooling, batch_size, progress, "texts")
+    return _run_lm(model, seqs, None, None, builder, pooling, batch_size, progress, "texts")
 
 
 def score(model, images: Sequence, texts: Sequence[str], *, tokenizer, image_pooling: str = "lm_last",
           text_pooling: str = "last", batch_size: int = 16, progress: bool | None = None, **prompt_kwargs) -> np.ndarray:
     """Cosine similarities float32[N, M] between `encode_images` and `encode_texts` embeddings.
 
-    prompt_kwargs: image_prompt / text_prompt / template, forwarded to the encoders.
+    prompt_kwargs: image_prompt / max_tiles / text_prompt / template / max_length, forwarded to the encoders.
     """
     if not image_pooling.startswith("lm_"):
         # The vision tower's space is not the language model's, even where the widths happen to agree.
         raise ValueError(f"score needs image_pooling 'lm_last' or 'lm_mean' (the texts' space), got {image_pooling!r}")
-    image_kw = {k: v for k, v in prompt_kwargs.items() if k in ("image_prompt", "template")}
+    image_kw = {k: v for k, v in prompt_kwargs.items() if k in ("image_prompt", "template", "max_tiles")}
     text_kw = {k: v for k, v in prompt_kwargs.items() if k in ("text_prompt", "template", "max_length")}
     unknown = set(prompt_kwargs) - set(image_kw) - set(text_kw)
     if unknown:
