@@ -1,0 +1,132 @@
+"""Every notebook in experiments/ runs top to bottom on tiny settings (nbclient, the venv's python3 kernel).
+
+The kernels get `VLM_JAX_NOTEBOOK_TINY=1` (the notebooks' parameter cells read it), fresh temporary folders, one CPU
+device, the Agg backend and a shared persistent compilation cache (the restore notebook reuses the training
+notebook's compiled eval step). The restore notebook reads the training notebook's workdir, so the training
+notebook runs once per module in a fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+NOTEBOOKS = ("quickstart", "train_spatial_shapes", "restore_and_evaluate")
+
+
+@pytest.fixture(scope="module")
+def kernel_env(tmp_path_factory):
+    """Environment for the kernels (they inherit this process's environment), restored afterwards."""
+    root = tmp_path_factory.mktemp("notebooks")
+    env = {
+        "VLM_JAX_NOTEBOOK_TINY": "1",
+        "VLM_JAX_NOTEBOOK_DIR": str(root / "quickstart"),
+        "VLM_JAX_NOTEBOOK_WORKDIR": str(root / "train"),
+        "VLM_JAX_NOTEBOOK_DATA_DIR": str(root / "tfds"),
+        "VLM_JAX_CHECKPOINT": "",
+        "MPLBACKEND": "Agg",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env
+
+
+def run_notebook(name: str, probe: str | None = None) -> nbformat.NotebookNode:
+    """Executes experiments/<name>.ipynb in experiments/ (a cell error raises CellExecutionError).
+
+    probe: extra code run after the last cell; its stdout is returned as the notebook's `probe` metadata.
+    """
+    nb = nbformat.read(EXPERIMENTS / f"{name}.ipynb", as_version=4)
+    if probe is not None:
+        nb.cells.append(nbformat.v4.new_code_cell(probe))
+    client = NotebookClient(nb, kernel_name="python3", timeout=300, allow_errors=False,
+                            resources={"metadata": {"path": str(EXPERIMENTS)}})
+    client.execute()
+    if probe is not None:
+        nb.metadata["probe"] = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+    return nb
+
+
+def _outputs(nb, output_type: str):
+    return [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == output_type]
+
+
+def _images(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for o in _outputs(nb, "display_data"))
+
+
+@pytest.fixture(scope="module")
+def trained(kernel_env):
+    """The training notebook, executed once; its workdir is the restore notebook's input."""
+    nb = run_notebook("train_spatial_shapes")
+    return nb, Path(kernel_env["VLM_JAX_NOTEBOOK_WORKDIR"])
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs_and_with_the_install_and_parameter_cells(name):
+    nb = nbformat.read(EXPERIMENTS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), f"{name}: clear the outputs"
+    install, params = code[0].source, code[1]
+    assert "REPO_URL" in install and 'find_spec("vlm_jax") is None' in install and "pip" in install
+    assert "parameters" in params.metadata.get("tags", []) and "VLM_JAX_NOTEBOOK_TINY" in params.source
+
+
+def test_install_cell_is_skipped_when_vlm_jax_is_importable(kernel_env):
+    nb = nbformat.read(EXPERIMENTS / "quickstart.ipynb", as_version=4)
+    first = [c for c in nb.cells if c.cell_type == "code"][:1]
+    nb.cells = first
+    client = NotebookClient(nb, kernel_name="python3", timeout=60, resources={"metadata": {"path": str(EXPERIMENTS)}})
+    client.execute()
+    assert "skipping the install" in "".join(o.get("text", "") for o in nb.cells[0].outputs)
+
+
+def test_quickstart(kernel_env):
+    probe = ("import json; print(json.dumps(dict(tiles=list(tiles.shape), sim=list(sim.shape), "
+             "tokens=len(result.token_ids))))")
+    nb = run_notebook("quickstart", probe)
+    out = json.loads(nb.metadata["probe"])
+    assert out["tiles"][0] > 1 and out["sim"] == [4, 4] and 1 <= out["tokens"] <= 8
+    assert _images(nb) == 2  # tiles, similarity heat map
+    assert (Path(kernel_env["VLM_JAX_NOTEBOOK_DIR"]) / "converted" / "vlm_jax_config.json").exists()
+
+
+def test_train_spatial_shapes(trained):
+    nb, workdir = trained
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["step"] for r in records] == [10, 20]
+    assert (workdir / "checkpoints" / "20").is_dir()
+    assert _images(nb) == 4  # examples, curves, predictions, confusion matrix
+
+
+def test_restore_and_evaluate(trained):
+    _, workdir = trained
+    probe = "import json; print(json.dumps(dict(step=int(step), results=results)))"
+    nb = run_notebook("restore_and_evaluate", probe)
+    out = json.loads(nb.metadata["probe"])
+    # The restored checkpoint reproduces the evaluation the training run logged at the same step.
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = [r for r in logged if r["step"] == out["step"] and r["split"] == "validation"][-1]
+    for key in ("t2i_r1", "i2t_r5", "box_iou", "spatial_acc", "loss/total"):
+        assert out["results"][key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
+    assert _images(nb) == 1  # retrieval examples
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v", "--durations=10"]))
