@@ -1,8 +1,6 @@
 """Tokenizer and prompt building, checked against transformers' InternVLProcessor (which expands
 `<IMG_CONTEXT>` placeholders with GotOcr2's tile counts) and the chat format written in the InternVL spec."""
 
-import json
-import os
 
 import numpy as np
 import PIL.Image

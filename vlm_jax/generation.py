@@ -8,6 +8,8 @@ values: changing temperature, top-k or top-p does not recompile.
 
 Positions follow transformers' `generate`: cumsum(attention_mask) - 1, so left padding does not shift them.
 
+    model = vlm_jax.load_pretrained(path)          # or an InternVL module
+    tokenizer = vlm_jax.data.tokenizer.load_tokenizer(path)
     result = generate(model, tokenizer, images=["cat.jpg"], prompt="What is this?", max_new_tokens=32)
     result.text, result.token_ids
 """
@@ -28,6 +30,12 @@ from vlm_jax.data.prompt import PromptBuilder
 
 # Number of times each jitted program was traced (compiled); tests use it to check bucket reuse.
 TRACE_COUNTS = {"prefill": 0, "decode": 0}
+
+def _module(model):
+    """The InternVL nnx module: `model` itself or the one inside `load_pretrained`'s wrapper."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nnx.Module) else model
+
 
 
 @dataclasses.dataclass
@@ -137,6 +145,7 @@ def generate_ids(model, input_ids: np.ndarray, attention_mask: np.ndarray, pixel
     pixel_values float[N, S, S, 3] for the `<IMG_CONTEXT>` runs in row-major order (None for text only).
     Returns int32[B, max_new_tokens]: generated ids, EOS included, pad_token_id after it.
     """
+    model = _module(model)
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.asarray(attention_mask, np.int32)
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
@@ -176,6 +185,7 @@ def generate(model, tokenizer, images=None, prompt: str = "", max_new_tokens: in
     size; the prompt goes through the chat template with one `<image>` block per image (placed first unless the
     prompt has `<image>` tags). Stops at `<|im_end|>` or after `max_new_tokens`.
     """
+    model = _module(model)
     if images is None:
         images = []
     elif not isinstance(images, (list, tuple)):

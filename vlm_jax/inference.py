@@ -1,6 +1,6 @@
 """Embeddings and image-text scores from a loaded InternVL, for notebooks and evaluation.
 
-Plain functions of the model (no session object): the jitted programs take the model's graph definition as a
+Plain functions of the model (an `InternVL` module or what `load_pretrained` returns; no session object): the jitted programs take the model's graph definition as a
 static argument, so calls on the same model reuse compiled code, and a model whose weights changed (training) is
 seen fresh on every call.
 
@@ -40,6 +40,12 @@ TEXT_POOLINGS = ("last", "mean")
 
 # Number of traces (compilations) of each jitted program; tests use it to check bucket reuse.
 TRACE_COUNTS = {"vision": 0, "lm": 0}
+
+def _module(model):
+    """The InternVL nnx module: `model` itself or the one inside `load_pretrained`'s wrapper."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nnx.Module) else model
+
 
 
 def _next_pow2(n: int, minimum: int = 1) -> int:
@@ -144,6 +150,7 @@ def encode_images(model, images: Sequence, *, tokenizer=None, pooling: str = "lm
     max_tiles: LM poolings only; None = one tile per image, else InternVL dynamic tiling (up to max_tiles tiles +
     thumbnail per image, all in the image's `<image>` block).
     """
+    model = _module(model)
     if pooling not in IMAGE_POOLINGS:
         raise ValueError(f"image pooling must be one of {IMAGE_POOLINGS}, got {pooling!r}")
     if max_tiles is not None and not pooling.startswith("lm_"):
@@ -184,6 +191,7 @@ def encode_texts(model, texts: Sequence[str], *, tokenizer, pooling: str = "last
 
     Texts longer than max_length tokens are truncated (keeping EOS).
     """
+    model = _module(model)
     if pooling not in TEXT_POOLINGS:
         raise ValueError(f"text pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
     if isinstance(texts, str):
@@ -194,7 +202,8 @@ def encode_texts(model, texts: Sequence[str], *, tokenizer, pooling: str = "last
 
 
 def score(model, images: Sequence, texts: Sequence[str], *, tokenizer, image_pooling: str = "lm_last",
-          text_pooling: str = "last", batch_size: int = 16, progress: bool | None = None, **prompt_kwargs) -> np.ndarray:
+          text_pooling: str = "last", batch_size: int = 16, progress: bool | None = None,
+          **prompt_kwargs) -> np.ndarray:
     """Cosine similarities float32[N, M] between `encode_images` and `encode_texts` embeddings.
 
     prompt_kwargs: image_prompt / max_tiles / text_prompt / template / max_length, forwarded to the encoders.
