@@ -1,0 +1,194 @@
+"""The trainer end to end on the tiny config: train, eval, checkpoint, kill -9 + resume, sharded numerics, FLOPs."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from vlm_jax import sharding, train
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import benchmark_train_step  # noqa: E402
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The tiny spatial_shapes dataset, built once for every run in this module."""
+    from vlm_jax.data import pipeline
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    cfg = load_config("tiny_synthetic").data
+    cfg.data_dir = path
+    pipeline.make_builder(cfg)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_env(tmp_path_factory):
+    """Subprocess environment: one CPU device, a shared persistent compilation cache (runs reuse executables)."""
+    env = dict(os.environ)
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=str(REPO))
+    return env
+
+
+def _cmd(workdir, data_dir, *extra):
+    return [sys.executable, "-m", "vlm_jax.main", "--config", str(REPO / "configs/tiny_synthetic.py"),
+            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", "--config.num_train_steps=40",
+            "--config.batch_size=8", "--config.eval_batch_size=32", "--config.log_every=5",
+            "--config.eval_every=20", "--config.checkpoint.every_steps=10", *extra]
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _assert_same_metrics(a, b):
+    assert a["step"] == b["step"] and a["split"] == b["split"]
+    for key in ("loss/total", "loss/itc", "loss/box", "loss/spatial", "t2i_r1", "i2t_r5", "spatial_acc", "box_iou"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_kill_resume_and_eval_match_an_uninterrupted_run(tmp_path, data_dir, run_env):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = subprocess.run(_cmd(ref_dir, data_dir), env=run_env, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ref_metrics = _jsonl(ref_dir / "metrics.jsonl")
+    assert [m["step"] for m in ref_metrics] == [20, 40]
+
+    # Same command, killed with SIGKILL once the first checkpoint is committed, then run again to the end.
+    proc = subprocess.Popen(_cmd(run_dir, data_dir), env=run_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "10" / "_CHECKPOINT_METADATA").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / "40").exists()
+    again = subprocess.run(_cmd(run_dir, data_dir), env=run_env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming from" in again.stderr
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [20, 40]
+    for a, b in zip(metrics, ref_metrics):
+        _assert_same_metrics(a, b)
+
+    # --mode eval on the final checkpoint reproduces the last in-training evaluation.
+    ev = subprocess.run(_cmd(run_dir, data_dir, "--mode=eval"), env=run_env, capture_output=True, text=True,
+                        timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    _assert_same_metrics(_jsonl(run_dir / "eval_metrics.jsonl")[-1], ref_metrics[-1])
+    assert (ref_dir / "checkpoints" / "40").exists() and any(ref_dir.glob("events.out.tfevents*"))
+
+
+def _tiny(batch_size=8):
+    cfg = load_config("tiny_synthetic")
+    cfg.batch_size = batch_size
+    return cfg
+
+
+def _losses(cfg, mesh, steps=3):
+    trainer = train.make_trainer(cfg, mesh)
+    model_state = trainer.init_model_state()
+    state = trainer.assemble(model_state, trainer.init_train_items(model_state))
+    mc = train.backbone_config(cfg)
+    out = []
+    for i in range(steps):
+        batch = sharding.global_batch(benchmark_train_step.synthetic_batch(cfg, mc, cfg.batch_size, seed=i), mesh)
+        state, metrics = trainer.train_step(state, batch, jax.random.key(1))
+        out.append(float(metrics["loss"]))
+    return np.asarray(out), state
+
+
+def test_mesh_data4_fsdp2_matches_one_device():
+    cfg = _tiny()
+    one, _ = _losses(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    cfg.mesh = {"data": 4, "fsdp": 2, "tensor": 1}
+    mesh = sharding.make_mesh(cfg.mesh)
+    eight, state = _losses(cfg, mesh)
+    kernel = state.params["backbone"]["language_model"]
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(kernel)), "nothing was fsdp-sharded"
+    np.testing.assert_allclose(eight, one, rtol=2e-5)
+    assert one[-1] < one[0]
+
+
+def test_unmatched_parameters_fail_fast_listing_them():
+    cfg = _tiny()
+    cfg.optim.rules = (("backbone/.*", "frozen"), ("(vision|text)_adapter/.*", "all"))
+    with pytest.raises(ValueError) as e:
+        train.make_trainer(cfg, sharding.make_mesh({"data": -1}))
+    for name in ("itm_head/kernel", "box_head/bias", "logit_scale", "vision_proj/linear/kernel"):
+        assert name in str(e.value)
+
+
+def test_frozen_backbone_step_costs_one_forward_and_holds_no_frozen_state():
+    cfg = load_config("tiny_synthetic_stage2")
+    width = dict(hidden_size=64, intermediate_size=128)
+    cfg.model.tiny = dict(image_size=64, vision=width, text=width)
+    cfg.model.heads.adapter_dim = cfg.model.heads.embed_dim = 16
+    cfg.optim.accum_steps = 2  # optax.MultiSteps; the step also logs per-group gradient norms
+    cfg.batch_size = 8
+    r = benchmark_train_step.measure(cfg, steps=1, full_reference=True)
+    assert r["flop_ratio"] <= 1.01, r
+    assert r["full_train_step_flops"] > 2 * r["forward_flops"], r  # the backbone's backward is really gone
+    assert r["opt_state_bytes"]["frozen"] == 0 and r["params_bytes"]["frozen"] > 0
+    # mu + nu + accumulator for the trainable parameters only.
+    assert r["opt_state_bytes"]["trainable"] == 3 * r["params_bytes"]["trainable"]
+
+
+class _NaNImages(grain.DatasetIterator):
+    """The real pipeline's batches with non-finite images (a corrupted input source)."""
+
+    def __next__(self):
+        batch = next(self._parent)
+        batch["image"] = np.full_like(batch["image"], np.nan)
+        return batch
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path, data_dir, monkeypatch):
+    cfg = _tiny()
+    cfg.data.data_dir = data_dir
+    cfg.num_train_steps, cfg.log_every, cfg.max_consecutive_nonfinite = 10, 3, 3
+    cfg.eval_splits = ()
+    real = train.make_data
+    monkeypatch.setattr(train, "make_data", lambda c, s, train: _NaNImages(real(c, s, train=train)))
+    with pytest.raises(train.NonFiniteError, match="3 consecutive"):
+        train.train_and_evaluate(cfg, str(tmp_path))
+    assert (tmp_path / "checkpoints" / "3").exists()
+    # The checkpointed parameters are the initial ones: every update was skipped.
+    trainer = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    from vlm_jax import checkpointing
+
+    manager = checkpointing.make_manager(str(tmp_path), cfg.checkpoint)
+    model, items, _ = checkpointing.restore(manager, 3, trainer.abstract_model, trainer.abstract_train_items())
+    init = trainer.init_model_state()
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(init)):
+        np.testing.assert_array_equal(a, b)
+    assert int(items["skipped"]) == 3 and int(items["step"]) == 3
