@@ -62,9 +62,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention", default=None, help="vlm_jax attention: map|einsum|xla|cudnn (default: "
                         "by backend)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="PyTorch threads; 1 also makes XLA single-threaded")
     args = parser.parse_args()
 
+    if args.threads == 1:  # single-threaded XLA too: the fairest comparison on a shared, oversubscribed machine
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     import jax
     import jax.numpy as jnp
     import torch
@@ -132,7 +136,7 @@ def main():
         jax_s, torch_s = min(tj), min(tt)
         print(json.dumps(dict(
             dtype=dtype, layers=args.layers, batch=b, tokens=int(ids.shape[1]), backend=jax.default_backend(),
-            attention=args.attention or "default", torch_s=round(torch_s, 3), jax_s=round(jax_s, 3),
+            attention=args.attention or "default", threads=args.threads, torch_s=round(torch_s, 3), jax_s=round(jax_s, 3),
             jax_speed_vs_torch=round(torch_s / jax_s, 3), torch_gflops=round(flops / torch_s / 1e9, 1),
             jax_gflops=round(flops / jax_s / 1e9, 1), jax_compile_s=round(compile_s, 2),
             max_rel_logit_diff=float(np.abs(out_j - out_t).max() / np.abs(out_t).max()),

@@ -474,9 +474,25 @@ def load_hf(directory: str, *, image_token_id: int | None = None, dtype="float32
     """Read config + safetensors from `directory` -> (InternVL with params and compute in `dtype`, config)."""
     raw, cfg, layout = read_config(directory)
     cfg = cfg.replace(image_token_id=resolve_image_token_id(directory, cfg, layout, image_token_id))
+    ckpt = SafetensorsCheckpoint(directory)
+    cfg = untie_if_lm_head_present(cfg, layout, ckpt.shapes())
     jdtype = jnp.dtype(dtype)
-    flat = load_flax_params(directory, cfg, layout, jdtype, progress)
+    flat = flax_params_from(ckpt.shapes(), ckpt.get, cfg, layout, jdtype, progress)
     return build_model(cfg, flat, dtype=jdtype, param_dtype=jdtype), cfg
+
+
+def untie_if_lm_head_present(cfg: InternVLConfig, layout: str, shapes: dict) -> InternVLConfig:
+    """A config that says "tied" but a checkpoint that holds its own lm_head: keep the separate lm_head.
+
+    transformers v5 defaults the top-level tie_word_embeddings to True and then loads a stored lm_head as a
+    separate matrix; InternVL3 checkpoints are untied.
+    """
+    if not cfg.text.tie_word_embeddings:
+        return cfg
+    names = {"lm_head.weight", "language_model.lm_head.weight"}
+    if any(n in shapes for n in names):
+        return cfg.replace(text=dataclasses.replace(cfg.text, tie_word_embeddings=False))
+    return cfg
 
 
 # ---- writing (Flax -> Hugging Face) -------------------------------------------------------------------------

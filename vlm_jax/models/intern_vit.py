@@ -132,6 +132,7 @@ class InternViT(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.attention_impl: str | None = None  # None: chosen by backend (see layers.attention).
+        self.remat = False  # True: recompute each layer's activations in the backward pass (saves memory).
         self.embeddings = VisionEmbeddings(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = stacked(lambda r: VisionLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
                               cfg.num_layers, rngs)
@@ -145,5 +146,5 @@ class InternViT(nnx.Module):
         def body(h, layer_state):
             return nnx.merge(graphdef, layer_state)(h, impl), None
 
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(jax.checkpoint(body) if self.remat else body, x, state)
         return x

@@ -71,6 +71,11 @@ class InternVL(nnx.Module):
         self.vision_tower.attention_impl = implementation
         self.language_model.attention_impl = implementation
 
+    def set_remat(self, enabled: bool) -> None:
+        """Rematerialise layer activations in both towers' backward passes (less memory, ~1/3 more compute)."""
+        self.vision_tower.remat = enabled
+        self.language_model.remat = enabled
+
     def vision_hidden_states(self, pixel_values: jax.Array) -> jax.Array:
         """float[N, H, W, 3] -> last ViT layer output float[N, 1 + P, Dv], CLS at index 0."""
         return self.vision_tower(pixel_values)

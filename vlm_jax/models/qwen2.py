@@ -102,6 +102,7 @@ class Qwen2(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
         self.attention_impl: str | None = None
+        self.remat = False  # True: recompute each layer's activations in the backward pass (saves memory).
         self.embed_tokens = layers.param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
                                          param_dtype, ("vocab", "embed"))
         self.layers = stacked(lambda r: Qwen2Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
@@ -156,7 +157,7 @@ class Qwen2(nnx.Module):
                 h, _ = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, implementation=impl)
                 return h, None
 
-            x, _ = jax.lax.scan(body, x, state)
+            x, _ = jax.lax.scan(jax.checkpoint(body) if self.remat else body, x, state)
             new_cache = None
         else:
             def body(h, xs):
