@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.init_from = ""  # a converted checkpoint dir or a stage-1 workdir: its backbone replaces the random one
+    c.init_from_keys = ("backbone",)  # top-level modules taken from init_from (a stage-1 run may give more)
 
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "tiny"  # "tiny" (random, vocabulary from the data tokenizer) | "converted"
@@ -51,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.batch_size = 32
     c.eval_batch_size = 64
-    c.num_train_steps = 300
+    c.num_train_steps = 300  # micro-steps; <= 0: num_epochs passes over the training images
+    c.num_epochs = 1.0
     c.log_every = 25
     c.eval_every = 150
     c.eval_splits = ("validation",)

@@ -6,7 +6,8 @@ A checkpoint (``WORKDIR/checkpoints/<step>/``) is an ``ocp.args.Composite`` of
   ``data``   the grain iterator state (exact resume of the input order),
   ``meta``   JSON: step, config, where the initial weights came from.
 Keeping ``model`` whole (not split by trainability) lets a stage-2 run with other frozen groups read a stage-1
-checkpoint: ``restore_backbone`` restores just ``model/backbone`` with an orbax partial restore.
+checkpoint: ``restore_modules`` restores just ``model/backbone`` (or other top-level modules) with an orbax partial
+restore.
 
 Resume order (``restore_or_init``): latest checkpoint in the workdir → ``config.init_from`` (a converted backbone
 directory from ``python -m vlm_jax.convert``, or a stage-1 workdir: backbone only) → random init.
@@ -93,21 +94,30 @@ def is_run_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR))
 
 
-def restore_backbone(init_from: str, abstract_backbone):
-    """Backbone state from a stage-1 workdir (latest checkpoint) or a converted backbone directory.
+def restore_modules(init_from: str, abstract_model, keys=("backbone",)) -> dict:
+    """Parameters of the top-level model modules ``keys`` from a stage-1 workdir (its latest checkpoint) or, for
+    ``("backbone",)``, from a converted checkpoint directory. Returns ``{key: nnx.State}`` with the structure,
+    shardings and dtypes of ``abstract_model[key]`` (parameters only)."""
+    from flax import nnx
 
-    ``abstract_backbone`` is the (sharded) abstract nnx.State of ``model.backbone``; the result has its structure.
-    """
     if not os.path.isdir(init_from):
         raise ValueError(f"config.init_from={init_from!r} is not a directory (expected a training workdir with "
                          f"'{CHECKPOINT_SUBDIR}/' or a converted checkpoint from `python -m vlm_jax.convert`).")
+    missing = [k for k in keys if k not in abstract_model]
+    if missing:
+        raise ValueError(f"config.init_from_keys names {missing}, which the model does not have "
+                         f"(top-level modules: {sorted(abstract_model.keys())}).")
+    target = {k: nnx.split_state(abstract_model[k], nnx.Param, ...)[0] for k in keys}
     if is_run_dir(init_from):
         steps = ocp.utils.checkpoint_steps(os.path.join(init_from, CHECKPOINT_SUBDIR))
         if not steps:
             raise ValueError(f"config.init_from={init_from!r} has no finished checkpoint.")
-        item = os.path.join(init_from, CHECKPOINT_SUBDIR, str(max(steps)), "model")
-        return _restore_partial(item, {"backbone": abstract_backbone})["backbone"]
-    return restore_converted(init_from, abstract_backbone)
+        item = os.path.join(os.path.abspath(init_from), CHECKPOINT_SUBDIR, str(max(steps)), "model")
+        return dict(_restore_partial(item, target))
+    if tuple(keys) != ("backbone",):
+        raise ValueError(f"config.init_from={init_from!r} is a converted backbone; only init_from_keys=('backbone',) "
+                         f"can come from it, got {tuple(keys)}.")
+    return {"backbone": restore_converted(init_from, target["backbone"])}
 
 
 def converted_config(path: str):
@@ -146,11 +156,12 @@ def restore_converted(path: str, abstract_backbone):
 
 def restore_or_init(manager: ocp.CheckpointManager, *, init_from: str, abstract_model, abstract_train,
                     init_model: Callable[[], Any], init_train: Callable[[Any], Any],
-                    data_iter=None) -> tuple[Any, Any, int, str]:
+                    data_iter=None, init_from_keys=("backbone",)) -> tuple[Any, Any, int, str]:
     """The resume order, in one place. Returns ``(model_state, train_state, step, source)``.
 
     1. the latest checkpoint in this workdir (model, optimizer, step, data iterator);
-    2. ``init_from``: random init, then the backbone replaced by the stage-1 / converted weights;
+    2. ``init_from``: random init, then the modules ``init_from_keys`` (default: the backbone) replaced by the
+       stage-1 run's / converted checkpoint's weights;
     3. random init.
     ``init_model()`` builds the sharded model state; ``init_train(model_state)`` the optimizer state and counters.
     """
@@ -163,11 +174,10 @@ def restore_or_init(manager: ocp.CheckpointManager, *, init_from: str, abstract_
     if init_from:
         from flax import nnx
 
-        # Parameters only: other backbone variables (if any) keep their initial values.
-        abstract_params, _ = nnx.split_state(abstract_model["backbone"], nnx.Param, ...)
-        backbone = restore_backbone(init_from, abstract_params)
-        model["backbone"] = nnx.merge_state(model["backbone"], backbone)
-        logging.info("Initialised the backbone from %s", init_from)
+        # Parameters only: other variables (if any) keep their initial values.
+        for key, restored in restore_modules(init_from, abstract_model, init_from_keys).items():
+            model[key] = nnx.merge_state(model[key], restored)
+        logging.info("Initialised %s from %s", ", ".join(init_from_keys), init_from)
         source = f"init_from:{init_from}"
     else:
         source = "scratch"

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import zlib
 from collections.abc import Callable, Mapping
@@ -236,12 +237,22 @@ class Trainer:
         return jax.jit(forward, in_shardings=(self.state_shardings, batch_sh))
 
 
-def num_optimizer_steps(config) -> int:
-    return max(int(config.num_train_steps) // int(config.optim.get("accum_steps", 1)), 1)
+def resolve_num_train_steps(config) -> int:
+    """``config.num_train_steps`` micro-steps, or (when it is <= 0) ``config.num_epochs`` passes over the training
+    images (the pipeline shows each image once per epoch, with one of its captions)."""
+    if int(config.num_train_steps) > 0:
+        return int(config.num_train_steps)
+    from vlm_jax.data import pipeline
+
+    builder = pipeline.make_builder(config.data)
+    num_images = builder.info.splits[config.data.get("train_split", "train")].num_examples
+    return max(1, math.ceil(float(config.num_epochs) * num_images / int(config.batch_size)))
 
 
-def make_trainer(config, mesh: jax.sharding.Mesh) -> Trainer:
-    """Traces the model abstractly (no parameters are materialised) and derives every sharding from it."""
+def make_trainer(config, mesh: jax.sharding.Mesh, num_train_steps: int | None = None) -> Trainer:
+    """Traces the model abstractly (no parameters are materialised) and derives every sharding from it.
+
+    ``num_train_steps`` (micro-steps; default ``resolve_num_train_steps(config)``) sets the schedules' length."""
     create = lambda: build_model(config, nnx.Rngs(config.seed))  # noqa: E731
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(create)
@@ -251,7 +262,9 @@ def make_trainer(config, mesh: jax.sharding.Mesh) -> Trainer:
     graphdef, _, _, abstract_rngs, _ = nnx.split(abstract, trainable, nnx.Param, nnx.RngState, ...)
     model_abstract_state = nnx.state(abstract, nnx.Not(nnx.RngState))
     model_sh = sharding.state_shardings(model_abstract_state, mesh, _rules(config))
-    opt = optim.make_optimizer(config.optim, num_optimizer_steps(config))
+    num_train_steps = resolve_num_train_steps(config) if num_train_steps is None else num_train_steps
+    accum = int(config.optim.get("accum_steps", 1))
+    opt = optim.make_optimizer(config.optim, max(num_train_steps // accum, 1))
     params_sh, frozen_sh, rest_sh = nnx.split_state(model_sh, trainable, nnx.Param, ...)
     params_abs, _, _ = nnx.split_state(model_abstract_state, trainable, nnx.Param, ...)
     opt_abs = jax.eval_shape(opt.tx.init, params_abs)
@@ -389,13 +402,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
-    trainer = make_trainer(config, mesh)
+    num_steps = resolve_num_train_steps(config)
+    trainer = make_trainer(config, mesh, num_steps)
     train_iter = make_data(config, config.data.get("train_split", "train"), train=True)
     manager = checkpointing.make_manager(workdir, config.checkpoint)
     model_state, items, start, source = checkpointing.restore_or_init(
         manager, init_from=config.get("init_from", ""), abstract_model=trainer.abstract_model,
         abstract_train=trainer.abstract_train_items(), init_model=trainer.init_model_state,
-        init_train=trainer.init_train_items, data_iter=train_iter)
+        init_train=trainer.init_train_items, data_iter=train_iter,
+        init_from_keys=tuple(config.get("init_from_keys", ("backbone",))))
     state = trainer.assemble(model_state, items)
     del model_state, items
     meta = dict(config=config.to_json(), source=source)
@@ -410,7 +425,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("Trainable parameters:\n%s",
                      parameter_overview.get_parameter_overview(state.params.to_pure_dict(), include_stats=False))
         logging.info("Frozen parameters: %d", parameter_overview.count_parameters(state.frozen.to_pure_dict()))
-    num_steps = int(config.num_train_steps)
     report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
     rng = jax.random.key(config.seed + 1)
     eval_splits = tuple(config.get("eval_splits", ()))

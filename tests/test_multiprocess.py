@@ -1,0 +1,64 @@
+"""Two processes on 127.0.0.1 with 4 fake CPU devices each train and evaluate the tiny config together."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build_dataset(data_dir: str) -> None:
+    """Built once up front so that the two processes do not race to generate it."""
+    from vlm_jax.data import pipeline
+
+    spec = importlib.util.spec_from_file_location("tiny_synthetic", REPO / "configs/tiny_synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config().data
+    cfg.data_dir = data_dir
+    pipeline.make_builder(cfg)
+
+
+def test_two_processes_complete_the_tiny_config(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    _build_dataset(data_dir)
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO))
+    workdir = tmp_path / "run"
+    procs = []
+    for pid in range(2):
+        cmd = [sys.executable, "-m", "vlm_jax.main", "--config", str(REPO / "configs/tiny_synthetic.py"),
+               "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", "--config.num_train_steps=4",
+               "--config.batch_size=16", "--config.eval_batch_size=32", "--config.log_every=2",
+               "--config.eval_every=4", "--config.checkpoint.every_steps=2", "--config.mesh.data=4",
+               "--config.mesh.fsdp=2", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+               f"--process_id={pid}"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=420)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    assert "8 global devices" in outs[0] or "8 global" in outs[0]
+    with open(workdir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [4]
+    # Every (image, caption) pair of the validation split was evaluated exactly once across the processes.
+    assert records[0]["num_texts"] == 128 and records[0]["num_images"] == 64
+    assert (workdir / "checkpoints" / "4").exists()
