@@ -356,9 +356,10 @@ text_emb = collected["text_emb"] / np.linalg.norm(collected["text_emb"], axis=-1
 sim = image_emb @ text_emb.T  # [images, captions]
 top = viz.top_k_captions(sim, TOP_K)
 show = range(NUM_IMAGES)
+own = [[c for c, i in zip(captions, collected["image_id"]) if i == ids[k]] for k in show]
 viz.retrieval_examples([pairs[first[i]][0]["image"] for i in show], [[captions[j] for j in top[i]] for i in show],
                        [[collected["image_id"][j] == ids[i] for j in top[i]] for i in show],
-                       [[sim[i, j] for j in top[i]] for i in show]);'''),
+                       [[sim[i, j] for j in top[i]] for i in show], titles=["; ".join(c) for c in own]);'''),
 ]
 
 

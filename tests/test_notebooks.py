@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 
@@ -126,6 +127,59 @@ def test_restore_and_evaluate(trained):
     for key in ("t2i_r1", "i2t_r5", "box_iou", "spatial_acc", "loss/total"):
         assert out["results"][key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
     assert _images(nb) == 1  # retrieval examples
+
+
+# ---- vlm_jax.viz: the helpers the notebooks call ------------------------------------------------------------------
+
+
+def test_viz_to_uint8_inverts_the_preprocessing_normalisation():
+    from vlm_jax import viz
+    from vlm_jax.data import preprocess
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(viz.to_uint8(preprocess.normalize(pixels)), pixels)
+    assert viz.to_uint8(pixels) is pixels
+
+
+def test_viz_top_k_and_metric_series_against_brute_force(tmp_path):
+    from vlm_jax import viz
+
+    sim = np.random.default_rng(1).standard_normal((6, 9))
+    expected = [sorted(range(9), key=lambda j: -sim[i, j])[:5] for i in range(6)]
+    assert viz.top_k_captions(sim, 5).tolist() == expected
+    rows = [dict(step=20, split="validation", a=2.0), dict(step=10, split="validation", a=1.0),
+            dict(step=10, split="train", a=5.0), dict(step=30, split="validation")]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = viz.read_metrics(tmp_path)  # a workdir or the file itself
+    assert records == rows == viz.read_metrics(tmp_path / "metrics.jsonl")
+    steps, values = viz.metric_series(records, "a", "validation")
+    assert steps.tolist() == [10, 20] and values.tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match="no metrics file"):
+        viz.read_metrics(tmp_path / "missing")
+
+
+def test_viz_figures_draw_what_they_are_given():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from vlm_jax import viz
+
+    images = np.zeros((3, 16, 16, 3), np.uint8)
+    boxes = np.tile([[0.1, 0.2, 0.5, 0.6]], (3, 1)).astype(np.float32)
+    fig = viz.examples_grid(images, ["a", "b", "c"], boxes=boxes, pred_boxes=boxes, ncols=2)
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(drawn) == 3 and all(len(ax.patches) == 2 for ax in drawn)
+    x0, y0 = drawn[0].patches[0].get_xy()
+    assert (x0, y0) == pytest.approx((0.1 * 16 - 0.5, 0.2 * 16 - 0.5))  # pixel-exclusive edges, pixel centres
+    with pytest.raises(ValueError, match="pred_boxes must be"):
+        viz.examples_grid(images, ["a", "b", "c"], pred_boxes=boxes[:2])
+    cm = np.arange(36).reshape(6, 6)
+    fig2 = viz.plot_confusion_matrix(cm, list("abcdef"))
+    assert [t.get_text() for t in fig2.axes[0].texts][:3] == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="matrix must be"):
+        viz.plot_confusion_matrix(cm, list("abc"))
+    plt.close("all")
 
 
 if __name__ == "__main__":

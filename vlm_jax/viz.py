@@ -87,9 +87,11 @@ def similarity_heatmap(sim: np.ndarray, row_labels: Sequence[str] | None = None,
                   ha="right", fontsize=8)
     ax.set_yticks(range(n), labels=list(row_labels) if row_labels is not None else range(n), fontsize=8)
     if annotate if annotate is not None else n * m <= 100:
+        lo, hi = float(sim.min()), float(sim.max())
         for i in range(n):
             for j in range(m):
-                ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+                bright = (sim[i, j] - lo) > 0.6 * (hi - lo)  # viridis is light at the top of its range
+                ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=7, color="k" if bright else "w")
     for i, j in enumerate(np.argmax(sim, axis=1)):
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     ax.set_title(title)
@@ -227,8 +229,11 @@ def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], *, title: s
 
 def retrieval_examples(images: Sequence[np.ndarray], ranked: Sequence[Sequence[str]],
                        correct: Sequence[Sequence[bool]], scores: Sequence[Sequence[float]] | None = None, *,
-                       size: float = 2.2):
-    """One row per image: the image, then its top-k captions ranked (correct ones in green, others in red)."""
+                       titles: Sequence[str] | None = None, size: float = 2.2):
+    """One row per image: the image (with an optional title, e.g. its own captions), then its top-k captions
+    ranked (correct ones in green, others in red), with their scores when given."""
+    import textwrap  # pylint: disable=g-import-not-at-top
+
     plt = _plt()
     n = len(images)
     if not (len(ranked) == len(correct) == n):
@@ -239,6 +244,8 @@ def retrieval_examples(images: Sequence[np.ndarray], ranked: Sequence[Sequence[s
     for i in range(n):
         axes[i, 0].imshow(to_uint8(images[i]), interpolation="nearest")
         axes[i, 0].set_axis_off()
+        if titles is not None:
+            axes[i, 0].set_title("\n".join(textwrap.wrap(titles[i], 34)), fontsize=7)
         ax = axes[i, 1]
         ax.set_axis_off()
         k = len(ranked[i])
