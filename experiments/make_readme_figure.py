@@ -6,7 +6,7 @@
 When WORKDIR holds no checkpoint, trains `configs/tiny_synthetic.py` there first (the same run as
 `python -m vlm_jax.main --config configs/tiny_synthetic.py --workdir WORKDIR`); otherwise reads the latest checkpoint
 with the config saved in it (a run of the training notebook works too). Then runs the eval step over the test split
-and draws the first NUM_EXAMPLES captions: true subject box (solid green), predicted box (dashed magenta), true and
+and draws one caption of each of the first NUM_EXAMPLES images: true subject box (solid green), predicted box (dashed magenta), true and
 predicted relation, with the split's metrics and chance levels in the title.
 """
 
@@ -75,7 +75,8 @@ def draw(collected, pairs, step: int, num_examples: int, ncols: int):
 
     m = evaluate.compute_metrics(collected)
     predicted = collected["spatial_logits"].argmax(-1)
-    show = range(min(num_examples, len(pairs)))
+    # One caption of each of the first images, alternating between their captions (more scenes than 2 per image).
+    show = [r for r in range(len(pairs)) if pairs[r][1] == (r // 2) % len(pairs[r][0]["captions"])][:num_examples]
 
     def text(x):
         return x.decode() if isinstance(x, bytes) else str(x)
@@ -83,13 +84,12 @@ def draw(collected, pairs, step: int, num_examples: int, ncols: int):
     labels = [f"relation: {RELATIONS[collected['relation'][i]]} / predicted {RELATIONS[predicted[i]]}" for i in show]
     fig = viz.examples_grid([pairs[i][0]["image"] for i in show], [text(pairs[i][0]["captions"][pairs[i][1]])
                                                                      for i in show],
-                            boxes=collected["box"][: len(show)], pred_boxes=collected["box_pred"][: len(show)],
+                            boxes=collected["box"][show], pred_boxes=collected["box_pred"][show],
                             ncols=ncols, size=2.3, box_labels=labels)
     fig.suptitle(f"tiny demo, step {step}, test split: box IoU {m['box_iou']:.2f}, spatial acc {m['spatial_acc']:.2f} "
                  f"(chance {m['chance/spatial_acc']:.2f}), text->image R@1 {m['t2i_r1']:.2f} "
                  f"(chance {m['chance/t2i_r1']:.2f})\ngreen: true subject box, dashed magenta: predicted",
                  fontsize=9)
-    fig.tight_layout()
     return fig, m
 
 

@@ -45,7 +45,8 @@ def _grid(n: int, ncols: int | None, size: float, extra_height: float = 0.0):
     plt = _plt()
     ncols = max(1, min(n, ncols or math.ceil(math.sqrt(n))))
     nrows = max(1, math.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + extra_height) * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + extra_height) * nrows), squeeze=False,
+                             layout="constrained")  # also makes room for a suptitle added later
     flat = list(axes.ravel())
     for ax in flat:
         ax.set_axis_off()
@@ -67,7 +68,6 @@ def show_tiles(tiles: np.ndarray, *, titles: Sequence[str] | None = None, ncols:
     for ax, tile, title in zip(axes, tiles, titles):
         ax.imshow(to_uint8(tile))
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -127,7 +127,11 @@ def examples_grid(images: Sequence[np.ndarray], captions: Sequence[str], boxes: 
     for name, b in (("boxes", boxes), ("pred_boxes", pred_boxes), ("reference_boxes", reference_boxes)):
         if b is not None and np.shape(b) != (n, 4):
             raise ValueError(f"{name} must be [{n}, 4] (one normalised xyxy box per image), got {np.shape(b)}")
-    fig, axes = _grid(n, ncols, size, 0.55)
+    titles = ["\n".join(textwrap.wrap(str(c), 30)) for c in captions]
+    if box_labels is not None:
+        titles = [f"{t}\n{label}" for t, label in zip(titles, box_labels)]
+    lines = max((t.count("\n") + 1 for t in titles), default=1)
+    fig, axes = _grid(n, ncols, size, 0.13 * lines + 0.1)  # room for the titles above each panel
     for i, ax in enumerate(axes):
         image = to_uint8(images[i])
         ax.imshow(image, interpolation="nearest")
@@ -138,11 +142,7 @@ def examples_grid(images: Sequence[np.ndarray], captions: Sequence[str], boxes: 
             draw_box(ax, boxes[i], hw, colour=TRUE_COLOUR)
         if pred_boxes is not None:
             draw_box(ax, pred_boxes[i], hw, colour=PRED_COLOUR, linestyle="--")
-        text = "\n".join(textwrap.wrap(str(captions[i]), 30))
-        if box_labels is not None:
-            text += "\n" + box_labels[i]
-        ax.set_title(text, fontsize=7)
-    fig.tight_layout()
+        ax.set_title(titles[i], fontsize=7)
     return fig
 
 
@@ -198,7 +198,6 @@ def plot_metrics(records_or_path, keys: Sequence[str] | None = None, *, ncols: i
         ax.tick_params(labelsize=7)
         if len(splits) > 1:
             ax.legend(fontsize=7)
-    fig.tight_layout()
     return fig
 
 
