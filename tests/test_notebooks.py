@@ -3,14 +3,16 @@
 The kernels get `VLM_JAX_NOTEBOOK_TINY=1` (the notebooks' parameter cells read it), fresh temporary folders, one CPU
 device, the Agg backend and a shared persistent compilation cache (the restore notebook reuses the training
 notebook's compiled eval step). The restore notebook reads the training notebook's workdir, so the training
-notebook runs once per module in a fixture.
+notebook runs once per module in a fixture, in a background thread while the quickstart notebook runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import nbformat
@@ -72,10 +74,30 @@ def _images(nb) -> int:
 
 
 @pytest.fixture(scope="module")
-def trained(kernel_env):
-    """The training notebook, executed once; its workdir is the restore notebook's input."""
-    nb = run_notebook("train_spatial_shapes")
-    return nb, Path(kernel_env["VLM_JAX_NOTEBOOK_WORKDIR"])
+def training(kernel_env):
+    """Starts the training notebook in a background thread (executed once; the restore notebook reads its
+    workdir). XLA compiles on one core, so the quickstart kernel runs on the other meanwhile."""
+    result = {}
+
+    def target():
+        try:
+            result["nb"] = run_notebook("train_spatial_shapes")
+        except BaseException as e:  # re-raised in the test thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    yield thread, result, Path(kernel_env["VLM_JAX_NOTEBOOK_WORKDIR"])
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def trained(training):
+    thread, result, workdir = training
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["nb"], workdir
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -98,7 +120,7 @@ def test_install_cell_is_skipped_when_vlm_jax_is_importable(kernel_env):
     assert "skipping the install" in "".join(o.get("text", "") for o in nb.cells[0].outputs)
 
 
-def test_quickstart(kernel_env):
+def test_quickstart(kernel_env, training):  # `training`: the training notebook runs alongside
     probe = ("import json; print(json.dumps(dict(tiles=list(tiles.shape), sim=list(sim.shape), "
              "tokens=len(result.token_ids))))")
     nb = run_notebook("quickstart", probe)
@@ -127,6 +149,16 @@ def test_restore_and_evaluate(trained):
     for key in ("t2i_r1", "i2t_r5", "box_iou", "spatial_acc", "loss/total"):
         assert out["results"][key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
     assert _images(nb) == 1  # retrieval examples
+
+
+def test_readme_figure_script_reads_the_trained_workdir(trained, tmp_path):
+    _, workdir = trained
+    out = tmp_path / "figure.png"
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "make_readme_figure.py"), "--workdir", str(workdir),
+                           "--output", str(out), "--num_examples", "4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 20 test" in proc.stdout  # read the finished run, did not train again
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size < 150_000
 
 
 # ---- vlm_jax.viz: the helpers the notebooks call ------------------------------------------------------------------
