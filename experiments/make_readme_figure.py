@@ -1,13 +1,17 @@
 """The README figure: predicted vs true subject boxes and spatial relations of the tiny demo on test images.
 
     python experiments/make_readme_figure.py --workdir /tmp/tiny_synthetic \
-        [--output docs/figures/spatial_shapes_predictions.png] [--num_train_steps 300] [--data_dir DIR]
+        [--output docs/figures/spatial_shapes_predictions.png] [--num_train_steps 2000] [--data_dir DIR]
 
 When WORKDIR holds no checkpoint, trains `configs/tiny_synthetic.py` there first (the same run as
 `python -m vlm_jax.main --config configs/tiny_synthetic.py --workdir WORKDIR`); otherwise reads the latest checkpoint
 with the config saved in it (a run of the training notebook works too). Then runs the eval step over the test split
-and draws one caption of each of the first NUM_EXAMPLES images: true subject box (solid green), predicted box (dashed magenta), true and
-predicted relation, with the split's metrics and chance levels in the title.
+and draws one caption of each of the first NUM_EXAMPLES images: true subject box (solid green), predicted box
+(dashed magenta), true and predicted relation, with the split's metrics and chance levels in the title.
+
+Measured (2-core CPU, shared; 2000 steps of batch 32 in about 5 minutes): test spatial accuracy 0.55 (chance 0.23),
+text->image R@1 0.13 (chance 0.016), box IoU 0.08 (a constant mean box scores 0.08): the box head has not learned
+to localise the caption's subject at this size and schedule.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir (trained here when it has no checkpoint)")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
-    parser.add_argument("--num_train_steps", type=int, default=300)
+    parser.add_argument("--num_train_steps", type=int, default=2000)
     parser.add_argument("--data_dir", default="", help="tfds data_dir ('' = ~/tensorflow_datasets)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--num_examples", type=int, default=8)
