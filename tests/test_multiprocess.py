@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SMALL_DATA = dict(num_train=256, num_validation=64, num_test=64)
 
 
 def _free_port() -> int:
@@ -26,6 +27,7 @@ def _build_dataset(data_dir: str) -> None:
     spec.loader.exec_module(module)
     cfg = module.get_config().data
     cfg.data_dir = data_dir
+    cfg.builder_params.update(SMALL_DATA)
     pipeline.make_builder(cfg)
 
 
@@ -33,13 +35,14 @@ def test_two_processes_complete_the_tiny_config(tmp_path):
     data_dir = str(tmp_path / "tfds")
     _build_dataset(data_dir)
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_cpu_collective_timeout_seconds=900", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO))
     workdir = tmp_path / "run"
     procs = []
     for pid in range(2):
         cmd = [sys.executable, "-m", "vlm_jax.main", "--config", str(REPO / "configs/tiny_synthetic.py"),
                "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", "--config.num_train_steps=4",
+               *[f"--config.data.builder_params.{k}={v}" for k, v in SMALL_DATA.items()],
                "--config.batch_size=16", "--config.eval_batch_size=32", "--config.log_every=2",
                "--config.eval_every=4", "--config.checkpoint.every_steps=2", "--config.mesh.data=4",
                "--config.mesh.fsdp=2", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",

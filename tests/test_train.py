@@ -9,23 +9,34 @@ import sys
 import time
 from pathlib import Path
 
-import grain
-import jax
-import numpy as np
-import pytest
+# An overloaded CI machine can starve one of the 8 fake devices' threads past XLA's collective rendezvous
+# timeout, which aborts the process; give it room (effective when no test initialised the backend yet).
+if "xla_cpu_collective_timeout_seconds" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_collective_timeout_seconds=900"
 
-from vlm_jax import sharding, train
+import grain  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from vlm_jax import sharding, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import benchmark_train_step  # noqa: E402
 
 
+# A small spatial_shapes (256 / 64 / 64 images) instead of the demo's 4000 / 500 / 500.
+SMALL_DATA = dict(num_train=256, num_validation=64, num_test=64)
+
+
 def load_config(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    cfg = module.get_config()
+    cfg.data.builder_params.update(SMALL_DATA)
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +64,7 @@ def run_env(tmp_path_factory):
 def _cmd(workdir, data_dir, *extra):
     return [sys.executable, "-m", "vlm_jax.main", "--config", str(REPO / "configs/tiny_synthetic.py"),
             "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", "--config.num_train_steps=40",
+            *[f"--config.data.builder_params.{k}={v}" for k, v in SMALL_DATA.items()],
             "--config.batch_size=8", "--config.eval_batch_size=32", "--config.log_every=5",
             "--config.eval_every=20", "--config.checkpoint.every_steps=10", *extra]
 

@@ -107,7 +107,8 @@ def restore_modules(init_from: str, abstract_model, keys=("backbone",)) -> dict:
     if missing:
         raise ValueError(f"config.init_from_keys names {missing}, which the model does not have "
                          f"(top-level modules: {sorted(abstract_model.keys())}).")
-    target = {k: nnx.split_state(abstract_model[k], nnx.Param, ...)[0] for k in keys}
+    target = {k: abstract_model[k] if isinstance(abstract_model[k], nnx.Variable)
+              else nnx.split_state(abstract_model[k], nnx.Param, ...)[0] for k in keys}
     if is_run_dir(init_from):
         steps = ocp.utils.checkpoint_steps(os.path.join(init_from, CHECKPOINT_SUBDIR))
         if not steps:
@@ -176,7 +177,7 @@ def restore_or_init(manager: ocp.CheckpointManager, *, init_from: str, abstract_
 
         # Parameters only: other variables (if any) keep their initial values.
         for key, restored in restore_modules(init_from, abstract_model, init_from_keys).items():
-            model[key] = nnx.merge_state(model[key], restored)
+            model[key] = restored if isinstance(restored, nnx.Variable) else nnx.merge_state(model[key], restored)
         logging.info("Initialised %s from %s", ", ".join(init_from_keys), init_from)
         source = f"init_from:{init_from}"
     else:

@@ -66,13 +66,13 @@ def backbone_config(config):
     if kind == "tiny":
         from vlm_jax.data import pipeline
 
-        tok = pipeline.make_tokenizer(config.data)
+        tok = pipeline.make_tokenizer(data_config(config))
         cfg = InternVLConfig.tiny(**config.model.tiny.to_dict(), vocab_size=len(tok),
                                   image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
     elif kind == "converted":
         from vlm_jax.checkpoints import converted
 
-        path = config.model.get("converted_dir", "") or config.init_from
+        path = converted_dir(config)
         if not path or not converted.is_converted(path):
             raise ValueError(f"config.model.backbone='converted' needs a converted checkpoint directory in "
                              f"config.model.converted_dir or config.init_from, got {path!r}.")
@@ -86,6 +86,20 @@ def backbone_config(config):
         raise ValueError(f"config.data.image_size={config.data.image_size} but the model's tile size is "
                          f"{cfg.image_size}.")
     return cfg
+
+
+def converted_dir(config) -> str:
+    """Where a 'converted' backbone's config and tokenizer live: model.converted_dir, else init_from."""
+    return config.model.get("converted_dir", "") or config.get("init_from", "")
+
+
+def data_config(config):
+    """config.data with an empty tokenizer resolved to the converted checkpoint's tokenizer files."""
+    data = config.data
+    if not data.tokenizer and config.model.backbone == "converted":
+        data = data.copy_and_resolve_references()
+        data.tokenizer = converted_dir(config)
+    return data
 
 
 def build_model(config, rngs: nnx.Rngs) -> nnx.Module:
@@ -244,7 +258,7 @@ def resolve_num_train_steps(config) -> int:
         return int(config.num_train_steps)
     from vlm_jax.data import pipeline
 
-    builder = pipeline.make_builder(config.data)
+    builder = pipeline.make_builder(data_config(config))
     num_images = builder.info.splits[config.data.get("train_split", "train")].num_examples
     return max(1, math.ceil(float(config.num_epochs) * num_images / int(config.batch_size)))
 
@@ -290,7 +304,7 @@ def make_data(config, split: str, *, train: bool):
     """This process's iterator of host batches (``config.batch_size`` / process_count rows) for ``split``."""
     from vlm_jax.data import pipeline
 
-    return pipeline.make_iterator(config.data, split=split, train=train,
+    return pipeline.make_iterator(data_config(config), split=split, train=train,
                                   global_batch_size=config.batch_size if train else config.eval_batch_size,
                                   seed=config.seed, shard_index=jax.process_index(),
                                   shard_count=jax.process_count())

@@ -1,0 +1,80 @@
+"""The seed recipe on a converted InternVL3-1B: frozen backbone, adapters + projectors + heads trained on COCO.
+
+Frozen backbone (stored in bfloat16), float32 adapters 1024->256 / 896->256 (ReLU, dropout 0.1), projectors
+256->256 + L2 norm, learnable temperature 0.07, late fusion for ITM / box / spatial heads; loss ITC + ITM +
+0.1 L1(box) + 0.1 CE(spatial); AdamW lr 1e-4, weight decay 0.01, linear warmup over 10 % then linear decay;
+batch 4, 5 epochs over the 113,287 Karpathy training images (141,609 steps).
+
+Run:
+    python -m vlm_jax.convert --checkpoint /path/to/InternVL3-1B-hf --output /data/internvl3_1b
+    python -m vlm_jax.main --config configs/internvl3_1b_retrieval.py --workdir /runs/internvl3_1b_retrieval \\
+        --config.init_from=/data/internvl3_1b --config.data.manual_dir=/data/coco
+
+Result: not measured here (needs the real checkpoint, COCO and an accelerator; a CPU step at this size takes
+seconds). experiments/benchmark_train_step.py reports its step cost relative to the forward pass.
+Seed recipe's text pooling was the first token; pass --config.model.heads.text_pool=first to reproduce it.
+"""
+
+import importlib.util
+import os
+
+
+def _tiny_base():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.py")
+    spec = importlib.util.spec_from_file_location("tiny_synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _tiny_base()  # same fields; every value that matters is set below
+    c.seed = 0
+    c.init_from = ""  # required: the converted InternVL3-1B directory (python -m vlm_jax.convert)
+    c.init_from_keys = ("backbone",)
+
+    c.model.backbone = "converted"  # config read from init_from (or model.converted_dir)
+    c.model.converted_dir = ""
+    c.model.dtype = "bfloat16"  # backbone compute; adapters, heads, norms and losses stay float32
+    c.model.backbone_param_dtype = "bfloat16"
+    c.model.heads.adapter_dim = 256
+    c.model.heads.embed_dim = 256
+    c.model.heads.dropout = 0.1
+    c.model.heads.vision_pool = "cls"
+    c.model.heads.text_pool = "last"
+    c.model.heads.fusion = "late"
+    c.model.heads.logit_scale_init = 1 / 0.07
+
+    c.data.name = "coco_captions"
+    c.data.builder_config = "karpathy"
+    c.data.manual_dir = ""  # the folder with the COCO images and dataset_coco.json
+    c.data.image_size = 448
+    c.data.num_image_tokens = 256
+    c.data.template = "internvl2_5"
+    c.data.tokenizer = ""  # set to init_from below when empty (the converted dir carries the tokenizer files)
+    c.data.max_text_length = 40
+    c.data.num_workers = 4
+
+    c.loss.itc, c.loss.itm, c.loss.box, c.loss.spatial = 1.0, 1.0, 0.1, 0.1
+
+    c.optim.rules = (("backbone/.*", "frozen"), (".*", "heads"))
+    c.optim.groups = {"heads": dict(lr=1e-4, weight_decay=0.01, schedule="linear", warmup_frac=0.1,
+                                    end_lr_frac=0.0)}
+    c.optim.grad_clip_norm = 0.0
+    c.optim.accum_steps = 1
+    c.optim.decay_vectors = True  # torch AdamW decays every parameter
+
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+    c.batch_size = 4
+    c.eval_batch_size = 64
+    c.num_train_steps = -1  # from num_epochs
+    c.num_epochs = 5.0
+    c.log_every = 100
+    c.eval_every = 28322  # once per epoch
+    c.eval_splits = ("validation", "test")
+    c.max_consecutive_nonfinite = 10
+    c.checkpoint.every_steps = 5000
+    c.checkpoint.keep = 3
+    c.checkpoint.best_metric = "validation/t2i_r1"
+    c.checkpoint.best_mode = "max"
+    return c

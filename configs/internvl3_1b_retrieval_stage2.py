@@ -1,0 +1,44 @@
+"""Two-stage pair of configs/internvl3_1b_retrieval.py: contrastive alignment first, then the task heads.
+
+Stage 1 trains the adapters, projectors and temperature with the contrastive loss only; stage 2 restores them
+(with the frozen backbone) from stage 1's workdir, freezes them too, and trains the ITM, box and spatial heads on
+the fixed embeddings, so the retrieval metrics of stage 1 are kept exactly.
+
+Run:
+    python -m vlm_jax.main --config configs/internvl3_1b_retrieval.py --workdir /runs/stage1 \\
+        --config.init_from=/data/internvl3_1b --config.data.manual_dir=/data/coco \\
+        --config.loss.itm=0 --config.loss.box=0 --config.loss.spatial=0
+    python -m vlm_jax.main --config configs/internvl3_1b_retrieval_stage2.py --workdir /runs/stage2 \\
+        --config.init_from=/runs/stage1 --config.model.converted_dir=/data/internvl3_1b \\
+        --config.data.manual_dir=/data/coco
+
+Result: not measured here (needs the real checkpoint, COCO and an accelerator).
+"""
+
+import importlib.util
+import os
+
+
+def _stage1():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "internvl3_1b_retrieval.py")
+    spec = importlib.util.spec_from_file_location("internvl3_1b_retrieval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _stage1()
+    c.init_from = ""  # required: stage 1's workdir
+    c.model.converted_dir = ""  # required: the converted InternVL3-1B (config + tokenizer)
+    c.init_from_keys = ("backbone", "vision_adapter", "text_adapter", "vision_proj", "text_proj", "logit_scale")
+    c.optim.rules = (
+        ("backbone/.*", "frozen"),
+        ("(vision_adapter|text_adapter|vision_proj|text_proj)/.*", "frozen"),
+        ("logit_scale", "frozen"),
+        (".*", "heads"),
+    )
+    c.loss.itc = 0.0  # the embeddings are fixed
+    c.num_epochs = 2.0
+    c.eval_every = 28322
+    return c
