@@ -43,6 +43,8 @@ if importlib.util.find_spec("vlm_jax") is None:
     subprocess.run(pip + ["-e", f"{CHECKOUT}[notebooks]"], check=True)
     sys.path.insert(0, CHECKOUT)  # an editable install reaches sys.path only in new interpreters
     importlib.invalidate_caches()
+    print("installed vlm_jax; if pip replaced a package this runtime had already imported, restart the runtime "
+          "and run again (this cell is then skipped)")
 else:
     print("vlm_jax is importable: skipping the install")
 '''
@@ -363,14 +365,19 @@ viz.retrieval_examples([pairs[first[i]][0]["image"] for i in show], [[captions[j
 ]
 
 
-def build(cells) -> nbformat.NotebookNode:
+COLAB = "https://colab.research.google.com/github/YOUR_ORG/vlm_jax/blob/main/experiments/{}.ipynb"
+
+
+def build(name: str, cells) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.metadata = {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
         "colab": {"provenance": []},
     }
-    for kind, source in cells:
+    for index, (kind, source) in enumerate(cells):
+        if index == 0:  # the title cell: a link that opens the notebook on Colab
+            source += f"\n\n[Open in Colab]({COLAB.format(name)}) (set `REPO_URL` in the first code cell)"
         if kind == "markdown":
             nb.cells.append(nbformat.v4.new_markdown_cell(source))
         else:
@@ -391,7 +398,7 @@ NOTEBOOKS = {"quickstart": QUICKSTART, "train_spatial_shapes": TRAIN, "restore_a
 def main() -> None:
     for name, cells in NOTEBOOKS.items():
         path = os.path.join(HERE, f"{name}.ipynb")
-        nbformat.write(build(cells), path)
+        nbformat.write(build(name, cells), path)
         print(f"wrote {path}")
 
 
