@@ -48,7 +48,8 @@ def forward_flops(cfg, batch: int, text_tokens: int) -> float:
     proj = 2 * q * (4 * d * t.hidden_size + t.hidden_size ** 2)
     seq = q + text_tokens
     dt, kv = t.hidden_size, t.num_kv_heads * t.head_dim
-    lm_layer = 2 * seq * (dt * (dt + 2 * kv) + dt * dt + 3 * dt * t.intermediate_size) + 4 * seq * seq * t.num_heads * t.head_dim
+    lm_layer = (2 * seq * (dt * (dt + 2 * kv) + dt * dt + 3 * dt * t.intermediate_size)
+                + 4 * seq * seq * t.num_heads * t.head_dim)
     lm = t.num_layers * lm_layer + 2 * seq * dt * t.vocab_size
     return batch * (vision + proj + lm)
 
@@ -131,12 +132,17 @@ def main():
         out_t = run_torch().float().numpy()
         tj, tt = [], []
         for _ in range(args.repeats):  # interleaved, min over repeats: the machine is shared
-            s = time.perf_counter(); run_torch(); tt.append(time.perf_counter() - s)
-            s = time.perf_counter(); run_jax(); tj.append(time.perf_counter() - s)
+            s = time.perf_counter()
+            run_torch()
+            tt.append(time.perf_counter() - s)
+            s = time.perf_counter()
+            run_jax()
+            tj.append(time.perf_counter() - s)
         jax_s, torch_s = min(tj), min(tt)
         print(json.dumps(dict(
             dtype=dtype, layers=args.layers, batch=b, tokens=int(ids.shape[1]), backend=jax.default_backend(),
-            attention=args.attention or "default", threads=args.threads, torch_s=round(torch_s, 3), jax_s=round(jax_s, 3),
+            attention=args.attention or "default", threads=args.threads,
+            torch_s=round(torch_s, 3), jax_s=round(jax_s, 3),
             jax_speed_vs_torch=round(torch_s / jax_s, 3), torch_gflops=round(flops / torch_s / 1e9, 1),
             jax_gflops=round(flops / jax_s / 1e9, 1), jax_compile_s=round(compile_s, 2),
             max_rel_logit_diff=float(np.abs(out_j - out_t).max() / np.abs(out_t).max()),
