@@ -204,3 +204,53 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_pa
     for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(init)):
         np.testing.assert_array_equal(a, b)
     assert int(items["skipped"]) == 3 and int(items["step"]) == 3
+
+
+def test_init_from_converted_backbone_then_from_a_stage1_run(tmp_path):
+    from hf_fixtures import make_tiny_hf_checkpoint
+
+    from vlm_jax import checkpointing, convert
+    from vlm_jax.checkpoints import converted
+    from flax import nnx
+
+    ckpt = make_tiny_hf_checkpoint(tmp_path / "hf")
+    out = str(tmp_path / "converted")
+    convert.convert(ckpt.path, out, show_progress=False)
+    cfg = load_config("tiny_synthetic_stage2")
+    cfg.model.backbone, cfg.init_from = "converted", out
+    cfg.data.image_size, cfg.data.num_image_tokens = ckpt.image_size, ckpt.num_image_tokens
+    mesh = sharding.make_mesh({"data": -1})
+
+    def start(workdir, config):
+        trainer = train.make_trainer(config, mesh, num_train_steps=10)
+        manager = checkpointing.make_manager(str(workdir), config.checkpoint)
+        model, items, step, source = checkpointing.restore_or_init(
+            manager, init_from=config.init_from, abstract_model=trainer.abstract_model,
+            abstract_train=trainer.abstract_train_items(), init_model=trainer.init_model_state,
+            init_train=trainer.init_train_items, init_from_keys=tuple(config.init_from_keys))
+        return trainer, manager, trainer.assemble(model, items), source
+
+    trainer, manager, state, source = start(tmp_path / "stage1", cfg)
+    assert source == f"init_from:{out}"
+    reference, _ = converted.load(out)
+    ref = nnx.state(reference, nnx.Param)
+    got = nnx.split_state(state.frozen["backbone"], nnx.Param, ...)[0]
+    assert jax.tree.structure(got) == jax.tree.structure(ref)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+    assert set(state.params.keys()) and "backbone" not in state.params  # the backbone is frozen
+
+    # One step, a checkpoint; then a stage-2 start takes backbone + vision adapter from that run.
+    batch = sharding.global_batch(benchmark_train_step.synthetic_batch(cfg, train.backbone_config(cfg), 8), mesh)
+    state, _ = trainer.train_step(state, batch, jax.random.key(0))
+    checkpointing.save(manager, 1, state.model_state(), state.train_items(), force=True)
+    manager.wait_until_finished()
+    stage2 = cfg.copy_and_resolve_references()
+    stage2.model.converted_dir, stage2.init_from = out, str(tmp_path / "stage1")
+    stage2.init_from_keys = ("backbone", "vision_adapter")
+    stage2.seed = 7  # different random heads, so equality below can only come from the restore
+    _, _, state2, _ = start(tmp_path / "stage2", stage2)
+    for key in ("vision_adapter",):
+        for a, b in zip(jax.tree.leaves(state2.params[key]), jax.tree.leaves(state.params[key])):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(state2.params["itm_head"]["kernel"][...], state.params["itm_head"]["kernel"][...])
