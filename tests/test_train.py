@@ -110,7 +110,9 @@ def test_kill_resume_and_eval_match_an_uninterrupted_run(tmp_path, data_dir, run
     ev = subprocess.run(_cmd(run_dir, data_dir, "--mode=eval"), env=run_env, capture_output=True, text=True,
                         timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
-    _assert_same_metrics(_jsonl(run_dir / "eval_metrics.jsonl")[-1], ref_metrics[-1])
+    last = _jsonl(run_dir / "metrics.jsonl")[-1]
+    assert last["mode"] == "eval"
+    _assert_same_metrics(last, ref_metrics[-1])
     assert (ref_dir / "checkpoints" / "40").exists() and any(ref_dir.glob("events.out.tfevents*"))
 
 

@@ -521,6 +521,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
         results[split] = run_eval(trainer, state, config, split)
         logging.info("step %d %s: %s", step, split, results[split])
         if jax.process_index() == 0:
-            _append_jsonl(os.path.join(workdir, "eval_metrics.jsonl"), dict(results[split], step=int(step),
-                                                                              split=split))
+            _append_jsonl(os.path.join(workdir, "metrics.jsonl"), dict(results[split], step=int(step), split=split,
+                                                                         mode="eval"))
     return results
