@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_image_tokens = 16  # (64 / 8)^2 patches, pixel shuffle 0.5
 
     c.loss = losses.default_loss_config()
+    c.loss.box_giou = 1.0  # the demo adds the GIoU term: with L1 alone the tiny box head stays at the mean box
 
     c.optim = ml_collections.ConfigDict()
     # Ordered (regex over '/'-joined parameter paths, group); first full match wins; 'frozen' = not trained.
@@ -54,14 +55,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.batch_size = 32
     c.eval_batch_size = 64
-    c.num_train_steps = 300  # micro-steps; <= 0: num_epochs passes over the training images
+    c.num_train_steps = 3000  # micro-steps; <= 0: num_epochs passes over the training images
     c.num_epochs = 1.0
-    c.log_every = 25
-    c.eval_every = 150
+    c.log_every = 250
+    c.eval_every = 1500
     c.eval_splits = ("validation",)
     c.max_consecutive_nonfinite = 5
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=2, best_metric="", best_mode="max",
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, best_metric="", best_mode="max",
                                                   async_save=True))
     c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="vlm_jax", run_id=""))
     return c

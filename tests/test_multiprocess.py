@@ -35,7 +35,8 @@ def test_two_processes_complete_the_tiny_config(tmp_path):
     data_dir = str(tmp_path / "tfds")
     _build_dataset(data_dir)
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_cpu_collective_timeout_seconds=900", JAX_PLATFORMS="cpu",
+    flags = "--xla_force_host_platform_device_count=4 --xla_cpu_collective_timeout_seconds=900"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO))
     workdir = tmp_path / "run"
     procs = []

@@ -103,7 +103,8 @@ class ParamGroups:
         out = jax.tree_util.tree_map_with_path(one, tree)
         if unmatched:
             raise ValueError(
-                f"{len(unmatched)} parameter(s) match no rule in config.optim.rules {list(self.rules)}; add a rule for:\n  "
+                f"{len(unmatched)} parameter(s) match no rule in config.optim.rules {list(self.rules)}; "
+                "add a rule for:\n  "
                 + "\n  ".join(unmatched))
         return out
 
