@@ -16,8 +16,8 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 import hf_fixtures  # noqa: E402
 import vlm_jax  # noqa: E402
 from vlm_jax import convert, pretrained  # noqa: E402
-from vlm_jax.checkpoints import hf  # noqa: E402
-from vlm_jax.models import InternVL, InternVLConfig  # noqa: E402
+from vlm_jax.checkpoints import hf, random_hf  # noqa: E402
+from vlm_jax.models import InternVLConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_orbax_round_trip_identical(native, tmp_path):
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_kv_cache_decode_equals_full_recomputation(padding):
     cfg = InternVLConfig.tiny(vocab_size=64, image_token_id=63)
-    lm = InternVL(cfg, rngs=nnx.Rngs(0)).language_model
+    lm = random_hf.random_model(cfg, seed=0).language_model
     rng = np.random.default_rng(0)
     b, t = 2, 9
     ids = jnp.asarray(rng.integers(0, 63, (b, t)), jnp.int32)
@@ -145,7 +145,7 @@ def test_save_hf_round_trip(loaded, native, tmp_path, layout):
 
 def test_remat_gives_the_same_gradients():
     cfg = InternVLConfig.tiny(vocab_size=64, image_token_id=63)
-    model = InternVL(cfg, rngs=nnx.Rngs(1))
+    model = random_hf.random_model(cfg, seed=1)
     px = jnp.asarray(np.random.default_rng(0).standard_normal((1, 32, 32, 3)), jnp.float32)
 
     def loss(m):  # the vision tower; the LM uses the same scan/remat code
@@ -159,3 +159,11 @@ def test_remat_gives_the_same_gradients():
     for a, b in zip(leaves, jax.tree.leaves(grads_remat["vision_tower"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
     assert all(float(jnp.abs(g).max()) > 0 for g in leaves)
+
+
+def test_demo_runs_and_matches_transformers(tmp_path):
+    from vlm_jax import demo
+
+    result = demo.run(str(tmp_path))
+    assert result["converted_vs_hf_max_abs"] == 0.0
+    assert result["torch_max_abs"] < 1e-4

@@ -1,8 +1,12 @@
-"""Random InternVL checkpoints in Hugging Face format, for demos and smoke tests (no PyTorch needed)."""
+"""Random InternVL models and Hugging Face checkpoints, for demos and tests (no PyTorch needed).
+
+The parameters are drawn with numpy into the abstract model (`nnx.eval_shape`), so building one compiles
+nothing: eager `InternVL(config, rngs=...)` compiles every initializer op separately, which takes seconds.
+"""
 
 from __future__ import annotations
 
-import jax
+import numpy as np
 from flax import nnx
 
 from vlm_jax.checkpoints import hf
@@ -10,15 +14,36 @@ from vlm_jax.models.config import InternVLConfig
 from vlm_jax.models.internvl import InternVL
 
 
-def random_model(config: InternVLConfig, *, seed: int = 0, noise: float = 0.1) -> InternVL:
-    """An InternVL with every parameter perturbed by N(0, noise^2): unit norms and zero biases become random."""
-    model = InternVL(config, rngs=nnx.Rngs(seed))
-    params = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [x + noise * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    nnx.update(model, jax.tree.unflatten(treedef, noisy))
-    return model
+def random_params(config: InternVLConfig, *, seed: int = 0, noise: float = 0.1, dtype=np.float32) -> dict:
+    """{flax path: array}: kernels N(0, 1/fan_in), norm scales 1 + N(0, noise^2), everything else N(0, noise^2).
+
+    No parameter is left at a constant (unit norms, zero biases), so checks against a reference see all of them.
+    """
+    abstract = nnx.eval_shape(lambda: InternVL(config, rngs=nnx.Rngs(0)))
+    flat = hf._flat_abstract(abstract)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path in sorted(flat):
+        shape = tuple(flat[path].shape)
+        leaf = path.rsplit("/", 1)[-1]
+        x = rng.standard_normal(shape, dtype=np.float32)
+        if leaf == "kernel":
+            x *= 1.0 / np.sqrt(shape[-2])
+        elif leaf == "scale":
+            x = 1.0 + noise * x
+        else:
+            x *= noise
+        out[path] = x.astype(dtype)
+    return out
+
+
+def random_model(config: InternVLConfig, *, seed: int = 0, noise: float = 0.1, dtype="float32") -> InternVL:
+    """An InternVL with random parameters (see `random_params`), params and compute in `dtype`."""
+    import jax.numpy as jnp
+
+    jdtype = jnp.dtype(dtype)
+    flat = random_params(config, seed=seed, noise=noise)
+    return hf.build_model(config, flat, dtype=jdtype, param_dtype=jdtype)
 
 
 def write_random_checkpoint(directory: str, config: InternVLConfig, *, layout: str = "transformers", seed: int = 0,
@@ -29,6 +54,3 @@ def write_random_checkpoint(directory: str, config: InternVLConfig, *, layout: s
     model = random_model(config, seed=seed)
     hf.save_hf(directory, model, config, layout=layout, dtype=dtype)
     return model
-
-
-__all__ = ["random_model", "write_random_checkpoint"]
