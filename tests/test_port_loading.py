@@ -167,3 +167,13 @@ def test_demo_runs_and_matches_transformers(tmp_path):
     result = demo.run(str(tmp_path))
     assert result["converted_vs_hf_max_abs"] == 0.0
     assert result["torch_max_abs"] < 1e-4
+
+
+def test_mismatch_names_use_the_files_legacy_spelling(tmp_path_factory):
+    ckpt = hf_fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("legacy"), "transformers", seed=9)
+    path = os.path.join(ckpt.path, "model.safetensors")
+    tensors = load_file(path)
+    del tensors["language_model.model.norm.weight"]
+    save_file(tensors, path)
+    with pytest.raises(hf.CheckpointMismatchError, match=r"language_model\.model\.norm\.weight \(expected \(32,\)\)"):
+        vlm_jax.load_pretrained(ckpt.path)

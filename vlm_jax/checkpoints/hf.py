@@ -243,6 +243,13 @@ def _native_name(name: str) -> str:
     return name
 
 
+def _legacy_name(name: str) -> str:
+    for old, new in LEGACY_PREFIXES:
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
 def hf_shapes(rule: Rule, flax_shape: tuple[int, ...], cfg: InternVLConfig) -> list[tuple[int, ...]]:
     """The checkpoint shape(s) a rule expects, from the Flax (per-layer) shape."""
     if rule.kind == "linear":
@@ -381,8 +388,12 @@ def _flat_abstract(model_abstract) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def plan(cfg: InternVLConfig, layout: str, ckpt_shapes: dict[str, tuple[int, ...]],
-         flax_shapes: dict[str, tuple[int, ...]]) -> list[tuple[Rule, list[list[str]]]]:
-    """Match the table against the checkpoint; raise CheckpointMismatchError listing every problem."""
+         flax_shapes: dict[str, tuple[int, ...]],
+         display: Callable[[str], str] = lambda n: n) -> list[tuple[Rule, list[list[str]]]]:
+    """Match the table against the checkpoint; raise CheckpointMismatchError listing every problem.
+
+    `display` turns a table name into the name the user's file uses (legacy transformers names).
+    """
     rules = mapping_rules(cfg, layout)
     missing, mismatched, used, out = [], [], set(), []
     uncovered = set(flax_shapes) - {r.flax for r in rules}
@@ -396,14 +407,15 @@ def plan(cfg: InternVLConfig, layout: str, ckpt_shapes: dict[str, tuple[int, ...
             names = [s.format(i=i) for s in rule.sources]
             for name, want in zip(names, expected):
                 if name not in ckpt_shapes:
-                    missing.append(f"{name} (expected {want})")
+                    missing.append(f"{display(name)} (expected {want})")
                 else:
                     used.add(name)
                     if tuple(ckpt_shapes[name]) != tuple(want):
-                        mismatched.append(f"{name}: checkpoint {tuple(ckpt_shapes[name])}, model expects {want}")
+                        mismatched.append(f"{display(name)}: checkpoint {tuple(ckpt_shapes[name])}, "
+                                          f"model expects {want}")
             names_per_layer.append(names)
         out.append((rule, names_per_layer))
-    unexpected = sorted(set(ckpt_shapes) - used)
+    unexpected = sorted(display(n) for n in set(ckpt_shapes) - used)
     if uncovered:  # a bug in the table, not in the checkpoint
         raise RuntimeError(f"mapping table does not cover model parameters: {sorted(uncovered)}")
     if missing or unexpected or mismatched:
@@ -428,15 +440,19 @@ def flax_params_from(shapes: dict[str, tuple[int, ...]], get: Callable[[str], np
 
     Works for files and for in-memory state dicts (e.g. a PyTorch model's, converted to numpy by `get`).
     """
+    display = lambda name: name  # noqa: E731
     if layout == "transformers":
         back = {_native_name(k): k for k in shapes}
+        legacy = any(k != v for k, v in back.items())
         shapes = {_native_name(k): v for k, v in shapes.items()}
         get_native = lambda name: get(back[name])  # noqa: E731
+        if legacy:  # report names as the file spells them
+            display = lambda name: back.get(name, _legacy_name(name))  # noqa: E731
     else:
         get_native = get
     abstract = nnx.eval_shape(lambda: InternVL(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     flax_abs = _flat_abstract(abstract)
-    steps = plan(cfg, layout, shapes, {k: tuple(v.shape) for k, v in flax_abs.items()})
+    steps = plan(cfg, layout, shapes, {k: tuple(v.shape) for k, v in flax_abs.items()}, display)
     np_dtype = np.dtype(param_dtype)
     out = {}
     for rule, names_per_layer in steps:
