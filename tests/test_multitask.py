@@ -6,12 +6,14 @@ import clu.parameter_overview
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from vlm_jax import losses
+from vlm_jax import box_ops, losses
 from vlm_jax.models import InternVL, InternVLConfig, pooling
-from vlm_jax.models.multitask import MultitaskModel, box_from_logits, default_heads_config
+from vlm_jax.models.multitask import (SEED_RECIPE_HEADS, AttentionBoxHead, MultitaskModel, box_from_logits,
+                                      default_heads_config, late_fusion_features, patch_grid)
 
 IMG_START, IMG_END, IMG_CONTEXT = 61, 62, 63
 B, L = 4, 6
@@ -74,11 +76,13 @@ def backbone():
     return nnx.jit(tiny_backbone)()
 
 
-@pytest.fixture(scope="module", params=["late", "lm"])
+@pytest.fixture(scope="module", params=["late", "lm", "late-seed"])
 def run(request, backbone):
-    """One model per fusion on a shared backbone, two train steps and (late only: eval does not depend on the
-    fusion's randomness) two eval calls."""
-    model = MultitaskModel(backbone, heads_config(fusion=request.param), rngs=nnx.Rngs(params=1, dropout=2, itm=3))
+    """One model per fusion (and the seed recipe's heads on late fusion) on a shared backbone, two train steps and
+    (late only: eval does not depend on the fusion's randomness) two eval calls."""
+    fusion, _, heads = request.param.partition("-")
+    changes = dict(fusion=fusion, head_hidden_dim=12) | (SEED_RECIPE_HEADS if heads == "seed" else {})
+    model = MultitaskModel(backbone, heads_config(**changes), rngs=nnx.Rngs(params=1, dropout=2, itm=3))
     batch = make_batch(backbone.config.num_image_tokens)
     steps = [train_step(model, batch) for _ in range(2)]
     outs = {"train1": steps[0][2], "train2": steps[1][2], "loss": steps[0][0], "grads": steps[0][1]}
@@ -91,7 +95,10 @@ def test_output_shapes_and_ranges(run):
     model, batch, outs = run
     out = outs["train1"]
     e = model.config.embed_dim
-    fused = 2 * e if model.config.fusion == "late" else model.backbone.config.text.hidden_size
+    if model.config.fusion == "late":
+        fused = (4 if model.config.fusion_features == "interact" else 2) * e
+    else:
+        fused = model.backbone.config.text.hidden_size
     assert out["image_emb"].shape == out["text_emb"].shape == (B, e)
     assert out["itm_logits"].shape == (3 * B, 2) and out["itm_labels"].shape == out["itm_valid"].shape == (3 * B,)
     assert out["box_pred"].shape == (B, 4) and out["spatial_logits"].shape == (B, 6)
@@ -118,8 +125,8 @@ def test_eval_is_deterministic_and_train_is_not(run):
 
 def test_encoders_match_forward_in_eval(run):
     model, batch, outs = run
-    if model.config.fusion != "late":
-        pytest.skip("the encoders do not depend on the fusion; checked once")
+    if "eval1" not in outs:
+        pytest.skip("the encoders do not depend on the fusion or the heads; checked once")
     img, txt = nnx.jit(lambda m, b: (m.encode_image(b["image"]), m.encode_text(b["text_ids"], b["text_mask"])))(
         model, batch)
     np.testing.assert_allclose(img, outs["eval1"]["image_emb"], atol=1e-5)
@@ -132,7 +139,9 @@ def test_itm_pairs_are_the_fused_inputs(run):
     out = outs["train1"]
     pairs = np.asarray(out["itm_pairs"])
     if model.config.fusion == "late":
-        fused = jnp.concatenate([out["image_emb"][pairs[:, 0]], out["text_emb"][pairs[:, 1]]], -1)
+        u, v = out["image_emb"][pairs[:, 0]], out["text_emb"][pairs[:, 1]]
+        parts = [u, v] if model.config.fusion_features == "concat" else [u, v, u * v, jnp.abs(u - v)]
+        fused = jnp.concatenate(parts, -1)
     else:
         last = np.asarray(batch["prompt_mask"]).sum(1)[pairs[:, 1]] - 1   # right padding: length - 1
 
@@ -198,6 +207,12 @@ def test_config_errors_and_first_token_warning(caplog, backbone):
         build(vision_pool="max")
     with pytest.raises(ValueError, match="fusion"):
         build(fusion="early")
+    with pytest.raises(ValueError, match="fusion_features"):
+        build(fusion_features="sum")
+    with pytest.raises(ValueError, match="box_head"):
+        build(box_head="detr")
+    with pytest.raises(ValueError, match="head_hidden_dim"):
+        build(head_hidden_dim=-1)
     with pytest.raises(ValueError, match="unknown keys"):
         MultitaskModel(backbone, {"embed_width": 3}, rngs=nnx.Rngs(0))
     with caplog.at_level(logging.WARNING):
@@ -208,7 +223,7 @@ def test_config_errors_and_first_token_warning(caplog, backbone):
 def test_seed_recipe_trainable_parameter_counts():
     """InternVL3-1B widths, built abstractly (nothing allocated); the heads are counted from the formulas."""
     cfg = default_heads_config()
-    cfg.update(dict(vision_pool="cls", text_pool="first", fusion="late"))   # the seed recipe
+    cfg.update(dict(vision_pool="cls", text_pool="first", fusion="late") | SEED_RECIPE_HEADS)   # the seed recipe
     model = nnx.eval_shape(lambda: MultitaskModel(InternVL(InternVLConfig(image_token_id=151667),
                                                            rngs=nnx.Rngs(0)), cfg, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -246,3 +261,98 @@ def test_first_token_pooling_ignores_the_caption(backbone):
     first, last = pooling.pool_text(hidden, mask, "first"), pooling.pool_text(hidden, mask, "last")
     np.testing.assert_allclose(first[0], first[1], atol=1e-6)
     assert not np.allclose(last[0], last[1], atol=1e-3)
+
+
+def test_interact_features_separate_matched_pairs_where_concat_cannot():
+    """A linear head on [u, v] scores logit(a, b) = w1.a + w2.b + c, so for any weights
+    logit(a, a) + logit(b, b) = logit(a, b) + logit(b, a): matched and swapped pairs cannot be told apart. With
+    [u, v, u*v, |u-v|], weights 1 on the u*v block score the cosine similarity, which separates them."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    i, j = np.triu_indices(8, 1)
+    rows = [(i, i), (j, j), (i, j), (j, i)]   # matched (a, a), (b, b); unmatched (a, b), (b, a)
+
+    concat = [np.asarray(late_fusion_features(jnp.asarray(x[p]), jnp.asarray(x[q]), "concat")) for p, q in rows]
+    np.testing.assert_allclose(concat[0], np.concatenate([x[i], x[i]], 1), rtol=1e-6)
+    for _ in range(5):   # any linear head
+        w, c = rng.normal(size=32), rng.normal()
+        s = [f @ w + c for f in concat]
+        np.testing.assert_allclose(s[0] + s[1], s[2] + s[3], atol=1e-4)
+
+    inter = [np.asarray(late_fusion_features(jnp.asarray(x[p]), jnp.asarray(x[q]), "interact")) for p, q in rows]
+    np.testing.assert_allclose(inter[2], np.concatenate([x[i], x[j], x[i] * x[j], np.abs(x[i] - x[j])], 1),
+                               rtol=1e-6, atol=1e-7)
+    w = np.zeros(64)
+    w[32:48] = 1.0   # the u*v block: the cosine similarity
+    threshold = 0.5 * (1.0 + max(np.max(inter[k] @ w) for k in (2, 3)))
+    assert all((inter[k] @ w > threshold).all() for k in (0, 1))
+    assert all((inter[k] @ w < threshold).all() for k in (2, 3))
+
+
+def test_patch_grid_and_box_head_position_equivariance():
+    """The box head sees where each patch is: moving the patches changes the box, moving them together with their
+    grid positions does not (otherwise the head is invariant to the patch order)."""
+    np.testing.assert_allclose(patch_grid(2, 3), [[1 / 6, 0.25], [0.5, 0.25], [5 / 6, 0.25],
+                                                  [1 / 6, 0.75], [0.5, 0.75], [5 / 6, 0.75]], rtol=1e-6)
+    head = AttentionBoxHead(6, 8, 2, 16, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(4)
+    query = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+    patches = jnp.asarray(rng.normal(size=(3, 6, 8)), jnp.float32)
+    grid = patch_grid(2, 3)
+    perm = rng.permutation(6)
+
+    @nnx.jit
+    def outputs(head, q, p, g):
+        return head(q, p, g), head(q, p[:, perm], g), head(q, p[:, perm], g[perm])
+
+    base, moved, moved_with_grid = outputs(head, query, patches, grid)
+    assert base.shape == (3, 4) and np.isfinite(base).all()
+    assert not np.allclose(moved, base, atol=1e-4)
+    np.testing.assert_allclose(moved_with_grid, base, atol=1e-5)
+
+
+def test_attention_box_head_learns_to_find_the_named_object():
+    """Two objects (feature vectors) on a 4x4 patch grid; the query names one of them. A short fit of the box head
+    must find the named object's cell (the other object is a distractor; the mean box scores about 0.035 IoU)."""
+    side, width, kinds = 4, 16, 4
+    codes = np.random.default_rng(5).normal(size=(kinds, width)).astype(np.float32)
+    grid = patch_grid(side, side)
+
+    def sample(key, n=64):
+        rng = np.random.default_rng(key)
+        kind = np.stack([rng.choice(kinds, 2, replace=False) for _ in range(n)])   # [n, 2] target, distractor
+        cell = np.stack([rng.choice(side * side, 2, replace=False) for _ in range(n)])
+        patches = 0.1 * rng.normal(size=(n, side * side, width)).astype(np.float32)
+        patches[np.arange(n)[:, None], cell] += codes[kind]
+        query = np.eye(kinds, dtype=np.float32)[kind[:, 0]]
+        r, c = np.divmod(cell[:, 0], side)
+        box = np.stack([c, r, c + 1, r + 1], 1).astype(np.float32) / side
+        return jnp.asarray(query), jnp.asarray(patches), jnp.asarray(box)
+
+    graphdef, params = nnx.split(AttentionBoxHead(kinds, width, 2, 32, rngs=nnx.Rngs(0)))
+    tx = optax.adam(1e-2)
+
+    def predict(params, query, patches):
+        return box_from_logits(nnx.merge(graphdef, params)(query, patches, grid))
+
+    @jax.jit
+    def fit(params, data):
+        def step(carry, batch):
+            params, opt_state = carry
+            def loss_fn(p):
+                pred = predict(p, batch[0], batch[1])
+                return losses.box_loss(pred, batch[2], jnp.ones(pred.shape[0], bool), 1.0, 1.0)["loss"]
+            grads = jax.grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
+        return jax.lax.scan(step, (params, tx.init(params)), data)[0][0]
+
+    data = [sample(k) for k in range(300)]
+    params = fit(params, jax.tree.map(lambda *a: jnp.stack(a), *data))
+    query, patches, box = sample(1000, 256)
+    pred = jax.jit(predict)(params, query, patches)
+    iou = np.asarray(box_ops.box_iou_paired(pred, box)[0])
+    constant = np.asarray(box_ops.box_iou_paired(jnp.broadcast_to(box.mean(0), box.shape), box)[0])
+    # Measured: 0.30 vs 0.035 (a head that ignores the query cannot beat a box between both objects).
+    assert iou.mean() > 0.2 > 5 * constant.mean(), (iou.mean(), constant.mean())
