@@ -1,9 +1,15 @@
 """Tiny InternVL trained from scratch with the multitask heads on `spatial_shapes` (the default demo).
 
-Run (2-core CPU, about N minutes):
+Run:
     python -m vlm_jax.main --config configs/tiny_synthetic.py --workdir /tmp/tiny_synthetic
 
-Result: filled in from a measured run (see the README).
+Measured on the shared 2-core CPU (3000 steps of batch 32, dataset already built; building it adds about a
+minute): 5 min wall. Validation split (500 images, 1000 captions), step 3000:
+    retrieval text->image R@1 / R@5 / R@10 = 7.3 / 29.0 / 42.3 %   (chance 0.2 / 1 / 2 %)
+              image->text R@1 / R@5 / R@10 = 3.2 / 17.0 / 32.4 %   (chance ~0.2 / 1 / 2 %)
+    spatial relation accuracy 41.1 %, macro-F1 0.40                 (chance 17.6 %, ~0.05)
+    subject box mean IoU 0.130, acc@0.5 3.2 %                       (constant mean box: IoU 0.085)
+    ITM stays at chance (a linear head on concatenated late-fusion embeddings cannot express their match).
 """
 
 import ml_collections

@@ -8,7 +8,11 @@ Prints one JSON line: step time, samples/s, compiled FLOPs of the train step and
 accumulator state, split into trainable and frozen. With a frozen backbone and late fusion the step should cost
 about one forward (the backward and the optimizer touch only adapters and heads) and hold no state for frozen
 parameters, also with ``--config.optim.accum_steps=2`` (optax.MultiSteps) and the per-group gradient norms the step
-always logs. ``--full_reference`` adds the FLOPs of the same step with every parameter trainable.
+always logs. ``--full_reference`` adds the FLOPs of the same step with every parameter trainable. ``--abstract``
+compiles from shapes only (no allocation, no timing), e.g. for the InternVL3-1B config on a laptop:
+
+    python experiments/benchmark_train_step.py --config configs/internvl3_1b_retrieval.py --abstract \
+        --config.init_from=/data/internvl3_1b --config.optim.accum_steps=2
 
 Inputs are random arrays with the batch layout of the data pipeline (no dataset is read).
 """
@@ -31,6 +35,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
 flags.DEFINE_bool("full_reference", False, "Also compile the step with every parameter trainable.")
+flags.DEFINE_bool("abstract", False, "FLOPs and bytes only, from shapes: nothing is allocated or run (any size).")
 
 
 def synthetic_batch(config, model_config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -63,6 +68,38 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", 0.0))
 
 
+def jaxpr_matmul_flops(fn, *args) -> float:
+    """Matmul + convolution FLOPs of ``fn``'s jaxpr, with scan bodies counted ``length`` times.
+
+    XLA's cost analysis counts a while-loop body once, so for models whose layers run under ``lax.scan`` its
+    totals (and ratios) mostly reflect one layer; this count covers every layer. Element-wise work is ignored.
+    """
+    return _count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _count(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            contract = np.prod([lhs[i] for i in lc])
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * contract
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # per output element: kernel spatial size x input features
+            out = eqn.outvars[0].aval.shape
+            total += 2.0 * np.prod(out) * np.prod(rhs) / max(out[eqn.params["dimension_numbers"].out_spec[1]], 1)
+        sub = [v for v in eqn.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
+        branches = eqn.params.get("branches")
+        if branches:
+            total += max(_count(b.jaxpr) for b in branches)
+            continue
+        inner = sum(_count(getattr(v, "jaxpr", v)) for v in sub)
+        total += inner * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
 def _bytes_by_group(tree, frozen_paths: set[str], trainable_paths: set[str]) -> dict[str, int]:
     """Bytes of a state's leaves, attributed to frozen / trainable parameters by path suffix (else 'other')."""
     out = {"trainable": 0, "frozen": 0, "other": 0}
@@ -76,60 +113,79 @@ def _bytes_by_group(tree, frozen_paths: set[str], trainable_paths: set[str]) -> 
     return out
 
 
-def measure(config, steps: int = 10, full_reference: bool = False) -> dict:
+def _abstract_state(trainer: train.Trainer) -> train.TrainState:
+    params, frozen, rest = trainer.split_model_state(trainer.abstract_model)
+    items = trainer.abstract_train_items()
+    return train.TrainState(step=items["step"], params=params, frozen=frozen, rest=rest,
+                            opt_state=items["opt_state"], nonfinite=items["nonfinite"], skipped=items["skipped"])
+
+
+def _abstract_batch(batch: dict, mesh) -> dict:
+    sh = sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in batch.items()}
+
+
+def measure(config, steps: int = 10, full_reference: bool = False, abstract: bool = False) -> dict:
+    """The benchmark's JSON record. ``abstract``: compile from shapes only (no step time, no allocation)."""
     mesh = sharding.make_mesh(config.mesh)
-    trainer = train.make_trainer(config, mesh)
-    model_state = trainer.init_model_state()
-    state = trainer.assemble(model_state, trainer.init_train_items(model_state))
+    num_steps = 1000  # only the schedules' length; irrelevant to cost
+    trainer = train.make_trainer(config, mesh, num_steps)
     model_config = train.backbone_config(config)
-    batch = sharding.global_batch(synthetic_batch(config, model_config, int(config.batch_size)), mesh)
+    host_batch = synthetic_batch(config, model_config, int(config.batch_size))
+    if abstract:
+        state, batch = _abstract_state(trainer), _abstract_batch(host_batch, mesh)
+    else:
+        model_state = trainer.init_model_state()
+        state = trainer.assemble(model_state, trainer.init_train_items(model_state))
+        batch = sharding.global_batch(host_batch, mesh)
     rng = jax.random.key(0)
 
     step_flops = _flops(trainer.train_step.lower(state, batch, rng).compile())
     forward_flops = _flops(trainer.forward_fn().lower(state, batch).compile())
+    step_mm = jaxpr_matmul_flops(trainer._train_step, state, batch, rng)
+    forward_mm = jaxpr_matmul_flops(trainer.forward_fn(), state, batch)
 
     trainable_paths = {optim.path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)}
     frozen_paths = {optim.path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.frozen)}
-    params_bytes = {"trainable": optim.tree_bytes(state.params), "frozen": optim.tree_bytes(state.frozen)}
-    opt_bytes = _bytes_by_group(state.opt_state, frozen_paths, trainable_paths)
-
-    state, metrics = trainer.train_step(state, batch, rng)  # warm-up (compiles)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = trainer.train_step(state, batch, rng)
-    jax.block_until_ready((state, metrics))
-    step_time = (time.perf_counter() - start) / max(steps, 1)
-
     result = {
         "config_fusion": config.model.heads.fusion,
         "devices": jax.device_count(),
         "batch_size": int(config.batch_size),
         "accum_steps": trainer.opt.accum_steps,
-        "step_time_s": step_time,
-        "samples_per_s": int(config.batch_size) / step_time,
         "train_step_flops": step_flops,
         "forward_flops": forward_flops,
         "flop_ratio": step_flops / forward_flops if forward_flops else float("nan"),
-        "params_bytes": params_bytes,
-        "opt_state_bytes": opt_bytes,
-        "loss": float(metrics["loss"]),
+        "jaxpr_train_step_matmul_flops": step_mm,
+        "jaxpr_forward_matmul_flops": forward_mm,
+        "jaxpr_flop_ratio": step_mm / forward_mm if forward_mm else float("nan"),
+        "params_bytes": {"trainable": optim.tree_bytes(state.params), "frozen": optim.tree_bytes(state.frozen)},
+        "opt_state_bytes": _bytes_by_group(state.opt_state, frozen_paths, trainable_paths),
     }
+    if not abstract:
+        state, metrics = trainer.train_step(state, batch, rng)  # warm-up (compiles)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = trainer.train_step(state, batch, rng)
+        jax.block_until_ready((state, metrics))
+        step_time = (time.perf_counter() - start) / max(steps, 1)
+        result.update(step_time_s=step_time, samples_per_s=int(config.batch_size) / step_time,
+                      loss=float(metrics["loss"]))
     if full_reference:
         full = config.copy_and_resolve_references()
         full.optim.rules = ((".*", "all"),)
-        full.optim.groups = {"all": dict(config.optim.groups[optim.ParamGroups.from_config(
-            config.optim.rules).trainable_groups[0]])}
-        ref = train.make_trainer(full, mesh)
-        ref_model = ref.init_model_state()
-        ref_state = ref.assemble(ref_model, ref.init_train_items(ref_model))
+        group = optim.ParamGroups.from_config(config.optim.rules).trainable_groups[0]
+        full.optim.groups = {"all": dict(config.optim.groups[group])}
+        ref = train.make_trainer(full, mesh, num_steps)
+        ref_state = _abstract_state(ref)
         result["full_train_step_flops"] = _flops(ref.train_step.lower(ref_state, batch, rng).compile())
+        result["jaxpr_full_train_step_matmul_flops"] = jaxpr_matmul_flops(ref._train_step, ref_state, batch, rng)
     return result
 
 
 def main(argv):
     del argv
-    print(json.dumps(measure(FLAGS.config, FLAGS.steps, FLAGS.full_reference), sort_keys=True))
+    print(json.dumps(measure(FLAGS.config, FLAGS.steps, FLAGS.full_reference, FLAGS.abstract), sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -160,12 +160,16 @@ def test_frozen_backbone_step_costs_one_forward_and_holds_no_frozen_state():
     cfg = load_config("tiny_synthetic_stage2")
     width = dict(hidden_size=64, intermediate_size=128)
     cfg.model.tiny = dict(image_size=64, vision=width, text=width)
-    cfg.model.heads.adapter_dim = cfg.model.heads.embed_dim = 16
+    # Heads small next to the backbone (as at InternVL3-1B scale, where they are < 1 % of its size).
+    cfg.model.heads.adapter_dim = cfg.model.heads.embed_dim = cfg.model.heads.head_hidden_dim = 16
+    cfg.model.heads.box_head = "linear"
     cfg.optim.accum_steps = 2  # optax.MultiSteps; the step also logs per-group gradient norms
     cfg.batch_size = 8
-    r = benchmark_train_step.measure(cfg, steps=1, full_reference=True)
-    assert r["flop_ratio"] <= 1.01, r
-    assert r["full_train_step_flops"] > 2 * r["forward_flops"], r  # the backbone's backward is really gone
+    r = benchmark_train_step.measure(cfg, full_reference=True, abstract=True)
+    assert r["flop_ratio"] <= 1.01, r  # XLA's compiled count
+    assert r["jaxpr_flop_ratio"] <= 1.01, r  # matmul count with every scanned layer
+    # With every parameter trainable the same step costs about 3 forwards: the backbone's backward is really gone.
+    assert r["jaxpr_full_train_step_matmul_flops"] > 2.5 * r["jaxpr_forward_matmul_flops"], r
     assert r["opt_state_bytes"]["frozen"] == 0 and r["params_bytes"]["frozen"] > 0
     # mu + nu + accumulator for the trainable parameters only.
     assert r["opt_state_bytes"]["trainable"] == 3 * r["params_bytes"]["trainable"]
