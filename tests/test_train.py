@@ -9,17 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-# An overloaded CI machine can starve one of the 8 fake devices' threads past XLA's collective rendezvous
-# timeout, which aborts the process; give it room (effective when no test initialised the backend yet).
-if "xla_cpu_collective_timeout_seconds" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_collective_timeout_seconds=900"
+import grain
+import jax
+import numpy as np
+import pytest
 
-import grain  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from vlm_jax import sharding, train  # noqa: E402
+from vlm_jax import sharding, train
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -135,14 +130,29 @@ def _losses(cfg, mesh, steps=3):
     return np.asarray(out), state
 
 
-def test_mesh_data4_fsdp2_matches_one_device():
+def mesh_losses(mesh_axes: dict, num_devices: int) -> list[float]:
+    """Losses of 3 steps of the tiny config on a mesh over the first ``num_devices`` devices."""
     cfg = _tiny()
-    one, _ = _losses(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-    cfg.mesh = {"data": 4, "fsdp": 2, "tensor": 1}
-    mesh = sharding.make_mesh(cfg.mesh)
-    eight, state = _losses(cfg, mesh)
-    kernel = state.params["backbone"]["language_model"]
-    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(kernel)), "nothing was fsdp-sharded"
+    cfg.mesh = dict(mesh_axes)
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:num_devices])
+    losses, state = _losses(cfg, mesh)
+    if num_devices > 1:
+        leaves = jax.tree.leaves(state.params["backbone"]["language_model"])
+        assert any("fsdp" in str(x.sharding.spec) for x in leaves), "nothing was fsdp-sharded"
+    return losses.tolist()
+
+
+def test_mesh_data4_fsdp2_matches_one_device(run_env):
+    # A fresh process with 8 fake devices and a generous collective timeout: on an overloaded machine one of the
+    # 8 device threads can miss XLA's rendezvous deadline, which aborts the whole process.
+    env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=900")
+    code = ("import json, sys; sys.path.insert(0, 'tests'); import test_train as t; "
+            "print('LOSSES', json.dumps([t.mesh_losses({'data': 1}, 1), "
+            "t.mesh_losses({'data': 4, 'fsdp': 2, 'tensor': 1}, 8)]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, eight = json.loads(out.stdout.split("LOSSES", 1)[1])
     np.testing.assert_allclose(eight, one, rtol=2e-5)
     assert one[-1] < one[0]
 
