@@ -354,5 +354,5 @@ def test_attention_box_head_learns_to_find_the_named_object():
     pred = jax.jit(predict)(params, query, patches)
     iou = np.asarray(box_ops.box_iou_paired(pred, box)[0])
     constant = np.asarray(box_ops.box_iou_paired(jnp.broadcast_to(box.mean(0), box.shape), box)[0])
-    # Measured: 0.30 vs 0.035 (a head that ignores the query cannot beat a box between both objects).
-    assert iou.mean() > 0.2 > 5 * constant.mean(), (iou.mean(), constant.mean())
+    # Measured: 0.43 vs 0.035 (a head that ignores the query cannot beat a box between both objects).
+    assert iou.mean() > 0.3 > 6 * constant.mean(), (iou.mean(), constant.mean())

@@ -2,7 +2,7 @@
 
 Legend: B batch, L caption tokens, Lp prompt tokens, Q image tokens per tile, Dv vision width, D LM width,
 A adapter width, E embedding width, F fused width (late fusion: 4E with 'interact' features, 2E with 'concat';
-lm fusion: D), P patches, N attention heads, H head width.
+lm fusion: D), P patches, N attention heads of the box head.
 
     image --ViT--> vision hidden [B, 1+P, Dv] --pool--> [B, Dv] --vision_adapter--> [B, A] --vision_proj--> image_emb
     text_ids --LM--> text hidden [B, L, D] --pool--> [B, D] --text_adapter--> [B, A] --text_proj--> text_emb
@@ -29,8 +29,8 @@ itm_logits is [3B, 2] with itm_labels [3B] (1 for the first B rows) and itm_vali
 negatives need their own fused passes: the LM runs once over 3B rows (positives, image i with the prompt of its
 negative text, the prompt of text j with the image tokens of its negative image), about 3x the cost of one pass.
 
-Box head output: predicts (cx, cy, w, h) with cx = sigmoid(a), w = sigmoid(c) * 2 * min(cx, 1 - cx) (same for y), then
-converts to xyxy. The box always lies inside [0, 1] with x1 <= x2, without clipping (no dead gradients); at
+Box output: the box head predicts (cx, cy, w, h) with cx = sigmoid(a), w = sigmoid(c) * 2 * min(cx, 1 - cx) (same
+for y), then converts to xyxy. The box always lies inside [0, 1] with x1 <= x2, without clipping (no dead gradients); at
 initialisation it is the centred half-size box.
 """
 
@@ -109,14 +109,20 @@ def late_fusion_features(image_emb, text_emb, kind: str):
 
 
 class MLPHead(nnx.Module):
-    """Linear -> GELU -> Linear: float[N, in] -> float32[N, out]. Attributes `hidden`, `out`."""
+    """Linear -> GELU -> Linear: float[N, in] -> float32[N, out].
+
+    The output layer's parameters are `kernel` [hidden, out] and `bias` [out] on the head itself, so the paths
+    itm_head/kernel, itm_head/bias (etc.) of the seed recipe's linear heads exist with either head; the hidden layer
+    is `hidden` (hidden/kernel, hidden/bias).
+    """
 
     def __init__(self, in_features: int, hidden: int, out_features: int, *, rngs: nnx.Rngs):
         self.hidden = nnx.Linear(in_features, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, out_features, rngs=rngs)
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (hidden, out_features), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
 
     def __call__(self, x):
-        return self.out(jax.nn.gelu(self.hidden(x.astype(jnp.float32))))
+        return jax.nn.gelu(self.hidden(x.astype(jnp.float32))) @ self.kernel[...] + self.bias[...]
 
 
 def make_head(in_features: int, hidden: int, out_features: int, *, rngs: nnx.Rngs):
@@ -132,28 +138,30 @@ def patch_grid(height: int, width: int):
     return jnp.stack([xs.reshape(-1), ys.reshape(-1)], axis=-1)
 
 
-class AttentionBoxHead(nnx.Module):
+class AttentionBoxHead(MLPHead):
     """Box from a query (the fused feature) attending over the ViT patch tokens.
 
     Each of N heads forms a softmax over the P patches (logits = q_n . x_p, x = the patch tokens
     normalised without parameters); its weighted mean and standard deviation of the patch centres (where the attended
     object is and how far it extends) and its weighted sum of the patch tokens, with the query itself, go through an
-    MLP to the 4 box logits (`box_from_logits`).
+    MLP to the 4 box logits (`box_from_logits`). The centre logits are added to the logit of head 0's attended
+    position, so the box follows where head 0 looks from the first step and the MLP learns corrections and the size
+    (measured on a toy localisation task: IoU 0.43 on each of 4 initialisations vs 0.06 to 0.39 without the prior).
 
     Key and value projections are left out on purpose: q . (W_k x) = (W_k^T q) . x, so a key projection folds into
     the query projection, and a value projection into the MLP's first layer. The head then costs O(B N P Dv) instead
     of O(B P Dv^2), and with a frozen backbone no gradient flows into the patch tokens at all.
 
     float[B, F] query, float[B, P, Dv] patch tokens, float32[P, 2] patch centres (`patch_grid`) -> float32[B, 4].
-    Attributes: query (F -> N Dv), mlp (MLPHead over F + N Dv + 4 N features).
+    Attributes: query (F -> N Dv), and the MLP's hidden (over F + N Dv + 4 N features), kernel, bias (`MLPHead`).
     """
 
     def __init__(self, query_features: int, width: int, num_heads: int, hidden: int, *, rngs: nnx.Rngs):
         if num_heads < 1:
             raise ValueError(f"box head: box_num_heads must be >= 1, got {num_heads}")
+        super().__init__(query_features + num_heads * width + 4 * num_heads, hidden, 4, rngs=rngs)
         self.num_heads = num_heads
         self.query = nnx.Linear(query_features, num_heads * width, rngs=rngs)
-        self.mlp = MLPHead(query_features + num_heads * width + 4 * num_heads, hidden, 4, rngs=rngs)
 
     def attention(self, query, patches):
         """float[B, F], float[B, P, Dv] -> (float32[B, N, P] attention weights, float32[B, N, Dv] pooled tokens)."""
@@ -171,7 +179,11 @@ class AttentionBoxHead(nnx.Module):
         std = jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6)  # eps: finite gradient when one patch takes all the weight
         b = query.shape[0]
         feats = [query.astype(jnp.float32), pooled.reshape(b, -1), mean.reshape(b, -1), std.reshape(b, -1)]
-        return self.mlp(jnp.concatenate(feats, axis=-1))
+        raw = super().__call__(jnp.concatenate(feats, axis=-1))
+        # Centre prior: head 0's attended position (a soft-argmax), as a logit of box_from_logits' sigmoid.
+        centre = jnp.clip(mean[:, 0], 1e-3, 1.0 - 1e-3)  # [B, 2]
+        prior = jnp.concatenate([jnp.log(centre) - jnp.log1p(-centre), jnp.zeros_like(centre)], axis=-1)
+        return raw + prior
 
 
 def _stream(rngs: nnx.Rngs, name: str):
