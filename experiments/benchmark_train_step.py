@@ -125,9 +125,12 @@ def _abstract_batch(batch: dict, mesh) -> dict:
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in batch.items()}
 
 
-def measure(config, steps: int = 10, full_reference: bool = False, abstract: bool = False) -> dict:
-    """The benchmark's JSON record. ``abstract``: compile from shapes only (no step time, no allocation)."""
-    mesh = sharding.make_mesh(config.mesh)
+def measure(config, steps: int = 10, full_reference: bool = False, abstract: bool = False, devices=None) -> dict:
+    """The benchmark's JSON record. ``abstract``: compile from shapes only (no step time, no allocation).
+
+    FLOPs are per device: with data parallelism the (replicated) optimizer update weighs more against a forward
+    that is split over the devices."""
+    mesh = sharding.make_mesh(config.mesh, devices)
     num_steps = 1000  # only the schedules' length; irrelevant to cost
     trainer = train.make_trainer(config, mesh, num_steps)
     model_config = train.backbone_config(config)
