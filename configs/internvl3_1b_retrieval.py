@@ -18,6 +18,8 @@ Seed recipe's text pooling was the first token; pass --config.model.heads.text_p
 import importlib.util
 import os
 
+from vlm_jax.models import multitask
+
 
 def _tiny_base():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.py")
@@ -44,6 +46,9 @@ def get_config():
     c.model.heads.text_pool = "last"
     c.model.heads.fusion = "late"
     c.model.heads.logit_scale_init = 1 / 0.07
+    # The seed recipe's heads: linear heads on the concatenated embeddings (the improved defaults are
+    # interaction features, MLP heads and an attention box head; see the README's ablation).
+    c.model.heads.update(multitask.SEED_RECIPE_HEADS)
 
     c.data.name = "coco_captions"
     c.data.builder_config = "karpathy"
@@ -56,6 +61,7 @@ def get_config():
     c.data.num_workers = 4
 
     c.loss.itc, c.loss.itm, c.loss.box, c.loss.spatial = 1.0, 1.0, 0.1, 0.1
+    c.loss.box_l1, c.loss.box_giou = 1.0, 0.0  # the seed recipe's box loss is L1 only
 
     c.optim.rules = (("backbone/.*", "frozen"), (".*", "heads"))
     c.optim.groups = {"heads": dict(lr=1e-4, weight_decay=0.01, schedule="linear", warmup_frac=0.1,

@@ -3,7 +3,9 @@
 import os
 
 # Must happen before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# A generous collective timeout: on a loaded 2-core machine an 8-device rendezvous can be slow.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=900")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
