@@ -208,3 +208,30 @@ def test_add_special_tokens_grows_model_with_mean_rows(tied):
     np.testing.assert_array_equal(model.language_model.embed(jnp.asarray([got[:2]]))[0], embed[vocab:])
     assert prompt.add_special_tokens(tok_local, model, ["<ref>"]) == [vocab]  # idempotent
     assert model.language_model.embed_tokens[...].shape[0] == vocab + 2
+
+
+def test_added_tokens_are_saved_with_the_converted_checkpoint(tmp_path):
+    """The grown model + tokenizer round-trip through the converted (orbax) format used by load_pretrained."""
+    import jax.numpy as jnp
+
+    import vlm_jax
+    from vlm_jax.checkpoints import converted, random_hf
+    from vlm_jax.models.config import InternVLConfig
+
+    tok_local = tokenizer.build_demo_tokenizer(WORDS)
+    vocab = len(tok_local)
+    config = InternVLConfig.tiny(vocab_size=vocab, image_token_id=vocab - 1)
+    model = random_hf.random_model(config)
+    new_ids = prompt.add_special_tokens(tok_local, model, ["<ref>", "</ref>"])
+    converted.save(str(tmp_path), model.config, model)
+    tok_local.save_pretrained(tmp_path)
+
+    loaded = vlm_jax.load_pretrained(str(tmp_path))
+    reloaded_tok = vlm_jax.load_tokenizer(str(tmp_path))
+    assert loaded.config.text.vocab_size == vocab + 2
+    assert reloaded_tok.convert_tokens_to_ids(["<ref>", "</ref>"]) == new_ids
+    np.testing.assert_array_equal(np.asarray(loaded.module.language_model.embed_tokens[...]),
+                                  np.asarray(model.language_model.embed_tokens[...]))
+    ids = jnp.asarray([[new_ids[0], 3, new_ids[1]]], jnp.int32)
+    out = loaded(pixel_values=None, input_ids=ids, attention_mask=jnp.ones_like(ids))
+    assert out.logits.shape == (1, 3, vocab + 2)
