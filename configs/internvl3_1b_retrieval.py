@@ -15,22 +15,12 @@ seconds). experiments/benchmark_train_step.py reports its step cost relative to 
 Seed recipe's text pooling was the first token; pass --config.model.heads.text_pool=first to reproduce it.
 """
 
-import importlib.util
-import os
-
+from vlm_jax.config_files import load_sibling
 from vlm_jax.models import multitask
 
 
-def _tiny_base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.py")
-    spec = importlib.util.spec_from_file_location("tiny_synthetic", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config():
-    c = _tiny_base()  # same fields; every value that matters is set below
+    c = load_sibling(__file__, "tiny_synthetic")  # same fields; every value that matters is set below
     c.seed = 0
     c.init_from = ""  # required: the converted InternVL3-1B directory (python -m vlm_jax.convert)
     c.init_from_keys = ("backbone",)

@@ -15,20 +15,11 @@ Run:
 Result: not measured here (needs the real checkpoint, COCO and an accelerator).
 """
 
-import importlib.util
-import os
-
-
-def _stage1():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "internvl3_1b_retrieval.py")
-    spec = importlib.util.spec_from_file_location("internvl3_1b_retrieval", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from vlm_jax.config_files import load_sibling
 
 
 def get_config():
-    c = _stage1()
+    c = load_sibling(__file__, "internvl3_1b_retrieval")
     c.init_from = ""  # required: stage 1's workdir
     c.model.converted_dir = ""  # required: the converted InternVL3-1B (config + tokenizer)
     c.init_from_keys = ("backbone", "vision_adapter", "text_adapter", "vision_proj", "text_proj", "logit_scale")

@@ -13,20 +13,11 @@ Validation split, step 3000 (stage 1 in parentheses):
     subject box mean IoU 0.466, acc@0.5 50.9 %                      (0.458, 47.4 %)
 """
 
-import importlib.util
-import os
-
-
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_synthetic.py")
-    spec = importlib.util.spec_from_file_location("tiny_synthetic", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from vlm_jax.config_files import load_sibling
 
 
 def get_config():
-    c = _base()
+    c = load_sibling(__file__, "tiny_synthetic")
     c.init_from = "/tmp/tiny_synthetic"
     c.optim.rules = (("backbone/.*", "frozen"), (".*", "heads"))
     c.optim.groups = {"heads": dict(lr=1e-3, weight_decay=0.01, schedule="linear", warmup_frac=0.1,

@@ -17,7 +17,6 @@ scores 0.089): the box head predicts about the same box for every caption (its l
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -29,10 +28,9 @@ DEFAULT_OUTPUT = REPO / "docs" / "figures" / "spatial_shapes_predictions.png"
 
 
 def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from vlm_jax import config_files
+
+    return config_files.load_config_file(REPO / "configs" / f"{name}.py")
 
 
 def ensure_trained(workdir: str, num_train_steps: int, data_dir: str):

@@ -1,6 +1,5 @@
 """The trainer end to end on the tiny config: train, eval, checkpoint, kill -9 + resume, sharded numerics, FLOPs."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import sharding, train
+from vlm_jax import config_files, sharding, train
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -26,10 +25,7 @@ SMALL_DATA = dict(num_train=256, num_validation=64, num_test=64)
 
 
 def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
+    cfg = config_files.load_config_file(REPO / "configs" / f"{name}.py")
     cfg.data.builder_params.update(SMALL_DATA)
     return cfg
 
