@@ -371,8 +371,8 @@ def resolve_image_token_id(directory: str, cfg: InternVLConfig, layout: str, ove
 
 # ---- loading ----------------------------------------------------------------------------------------------------
 
-def _flat_abstract(model_abstract) -> dict[str, jax.ShapeDtypeStruct]:
-    pure = nnx.to_pure_dict(nnx.state(model_abstract, nnx.Param))
+def flat_params(model) -> dict:
+    """{'/'-joined flax path: leaf} of the model's parameters (arrays or ShapeDtypeStructs)."""
     flat = {}
 
     def walk(d, prefix):
@@ -383,7 +383,7 @@ def _flat_abstract(model_abstract) -> dict[str, jax.ShapeDtypeStruct]:
             else:
                 flat[path] = v
 
-    walk(pure, "")
+    walk(nnx.to_pure_dict(nnx.state(model, nnx.Param)), "")
     return flat
 
 
@@ -451,7 +451,7 @@ def flax_params_from(shapes: dict[str, tuple[int, ...]], get: Callable[[str], np
     else:
         get_native = get
     abstract = nnx.eval_shape(lambda: InternVL(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    flax_abs = _flat_abstract(abstract)
+    flax_abs = flat_params(abstract)
     steps = plan(cfg, layout, shapes, {k: tuple(v.shape) for k, v in flax_abs.items()}, display)
     np_dtype = np.dtype(param_dtype)
     out = {}
@@ -567,18 +567,7 @@ def save_hf(directory: str, module: InternVL, cfg: InternVLConfig, layout: str =
     if layout == "opengvlab" and cfg.text.tie_word_embeddings:
         raise ValueError("the OpenGVLab layout has no tied-embedding variant")
     os.makedirs(directory, exist_ok=True)
-    pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-    flat = {}
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            path = f"{prefix}/{k}" if prefix else str(k)
-            if isinstance(v, dict):
-                walk(v, path)
-            else:
-                flat[path] = np.asarray(jnp.asarray(v, jnp.float32))
-
-    walk(pure, "")
+    flat = {path: np.asarray(jnp.asarray(v, jnp.float32)) for path, v in flat_params(module).items()}
     np_dtype = np.dtype(jnp.dtype(dtype))
     tensors = {}
     for rule in mapping_rules(cfg, layout):

@@ -20,7 +20,7 @@ def random_params(config: InternVLConfig, *, seed: int = 0, noise: float = 0.1, 
     No parameter is left at a constant (unit norms, zero biases), so checks against a reference see all of them.
     """
     abstract = nnx.eval_shape(lambda: InternVL(config, rngs=nnx.Rngs(0)))
-    flat = hf._flat_abstract(abstract)
+    flat = hf.flat_params(abstract)
     rng = np.random.default_rng(seed)
     out = {}
     for path in sorted(flat):

@@ -82,11 +82,14 @@ class InternVL(nnx.Module):
 
     def image_embeddings(self, pixel_values: jax.Array) -> jax.Array:
         """float[N, H, W, 3] -> float[N, Q, D] (drop CLS, pixel shuffle, project)."""
-        h = self.vision_hidden_states(pixel_values)[:, 1:]
-        n, p, c = h.shape
+        return self.image_embeddings_from_hidden(self.vision_hidden_states(pixel_values), pixel_values.shape[1:3])
+
+    def image_embeddings_from_hidden(self, vision_hidden: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
+        """Already computed ViT states float[N, 1 + P, Dv] of images of size `image_hw` -> float[N, Q, D]."""
+        h = vision_hidden[:, 1:]
+        n, _, c = h.shape
         g = self.config.vision.patch_size
-        gh, gw = pixel_values.shape[1] // g, pixel_values.shape[2] // g
-        x = pixel_shuffle(h.reshape(n, gh, gw, c), self.config.shuffle_factor)
+        x = pixel_shuffle(h.reshape(n, image_hw[0] // g, image_hw[1] // g, c), self.config.shuffle_factor)
         return self.multi_modal_projector(x.reshape(n, -1, x.shape[-1]))
 
     def merge_image_embeddings(self, input_ids: jax.Array, image_embeds: jax.Array) -> jax.Array:

@@ -41,7 +41,7 @@ from flax import nnx
 
 from vlm_jax import box_ops, losses
 from vlm_jax.models import pooling
-from vlm_jax.models.internvl import InternVL, pixel_shuffle
+from vlm_jax.models.internvl import InternVL
 
 FUSIONS = ("late", "lm")
 FUSION_FEATURES = ("interact", "concat")
@@ -267,15 +267,6 @@ class MultitaskModel(nnx.Module):
         hidden, _ = self.backbone.language_model(input_ids=ids, attention_mask=mask)
         return self._text_branch(hidden, mask, train=False)
 
-    def _image_tokens(self, vision_hidden, image_hw):
-        """The backbone's image embeddings from already computed ViT states: float[B, 1+P, Dv] -> float[B, Q, D]."""
-        h = vision_hidden[:, 1:]
-        patch = self.backbone.config.vision.patch_size
-        n, _, c = h.shape
-        x = pixel_shuffle(h.reshape(n, image_hw[0] // patch, image_hw[1] // patch, c),
-                          self.backbone.config.shuffle_factor)
-        return self.backbone.multi_modal_projector(x.reshape(n, -1, x.shape[-1]))
-
     # ---- forward -----------------------------------------------------------------------------------------------
 
     def __call__(self, batch: dict, *, train: bool) -> dict:
@@ -305,7 +296,7 @@ class MultitaskModel(nnx.Module):
             fused_all = late_fusion_features(image_emb[pair_image], text_emb[pair_text],
                                              self.config.fusion_features)  # [3B, F]
         else:
-            tokens = self._image_tokens(vision_hidden, image.shape[1:3])  # [B, Q, D]
+            tokens = self.backbone.image_embeddings_from_hidden(vision_hidden, image.shape[1:3])  # [B, Q, D]
             prompt_ids, prompt_mask = batch["prompt_ids"][pair_text], batch["prompt_mask"][pair_text]
             embeds = self.backbone.merge_image_embeddings(prompt_ids, tokens[pair_image])  # [3B, Lp, D]
             hidden, _ = self.backbone.language_model(inputs_embeds=embeds, attention_mask=prompt_mask)
