@@ -36,9 +36,10 @@ EXTRAS_REQUIRE = {
         "nbclient==0.11.0",
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
+        "jupytext==1.19.6",  # the notebooks are kept as text (experiments/notebooks/)
         "matplotlib",
     ],
-    "notebooks": ["matplotlib"],
+    "notebooks": ["matplotlib", "jupytext==1.19.6"],
 }
 
 setuptools.setup(

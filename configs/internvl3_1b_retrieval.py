@@ -8,50 +8,51 @@ batch 4, 5 epochs over the 113,287 Karpathy training images (141,609 steps).
 Run:
     python -m vlm_jax.convert --checkpoint /path/to/InternVL3-1B-hf --output /data/internvl3_1b
     python -m vlm_jax.main --config configs/internvl3_1b_retrieval.py --workdir /runs/internvl3_1b_retrieval \\
-        --config.init_from=/data/internvl3_1b --config.data.manual_dir=/data/coco
+        --config.model.converted_dir=/data/internvl3_1b --config.data.manual_dir=/data/coco
 
 Result: not measured here (needs the real checkpoint, COCO and an accelerator; a CPU step at this size takes
 seconds). experiments/benchmark_train_step.py reports its step cost relative to the forward pass.
-Seed recipe's text pooling was the first token; pass --config.model.heads.text_pool=first to reproduce it.
+Seed recipe's text pooling was the first token; pass --config.model.embedding.text_pool=first to reproduce it.
 """
 
 from vlm_jax.config_files import load_sibling
-from vlm_jax.models import multitask
 
 
 def get_config():
     c = load_sibling(__file__, "tiny_synthetic")  # same fields; every value that matters is set below
     c.seed = 0
-    c.init_from = ""  # required: the converted InternVL3-1B directory (python -m vlm_jax.convert)
+    c.init_from = ""
     c.init_from_keys = ("backbone",)
 
-    c.model.backbone = "converted"  # config read from init_from (or model.converted_dir)
-    c.model.converted_dir = ""
+    c.model.backbone = "converted"  # config, weights and tokenizer from model.converted_dir
+    c.model.converted_dir = ""  # required: the converted InternVL3-1B directory (python -m vlm_jax.convert)
+    c.model.tokenizer = ""  # the converted directory's own tokenizer files
     c.model.dtype = "bfloat16"  # backbone compute; adapters, heads, norms and losses stay float32
     c.model.backbone_param_dtype = "bfloat16"
-    c.model.heads.adapter_dim = 256
-    c.model.heads.embed_dim = 256
-    c.model.heads.dropout = 0.1
-    c.model.heads.vision_pool = "cls"
-    c.model.heads.text_pool = "last"
-    c.model.heads.fusion = "late"
-    c.model.heads.logit_scale_init = 1 / 0.07
+    c.model.embedding.adapter_dim = 256
+    c.model.embedding.embed_dim = 256
+    c.model.embedding.dropout = 0.1
+    c.model.embedding.vision_pool = "cls"
+    c.model.embedding.text_pool = "last"
+    c.model.embedding.fusion = "late"
+    c.model.embedding.logit_scale_init = 1 / 0.07
     # The seed recipe's heads: linear heads on the concatenated embeddings (the improved defaults are
     # interaction features, MLP heads and an attention box head; see the README's ablation).
-    c.model.heads.update(multitask.SEED_RECIPE_HEADS)
+    c.model.embedding.fusion_features = "concat"
+    c.tasks.itc.weight, c.tasks.itc.matryoshka = 1.0, 0.0
+    c.tasks.itc.matryoshka_dims = (32, 64, 128, 256)
+    c.tasks.itm.weight, c.tasks.itm.hidden_dim = 1.0, 0
+    c.tasks.box.weight, c.tasks.box.l1, c.tasks.box.giou = 0.1, 1.0, 0.0  # the seed recipe's box loss is L1 only
+    c.tasks.box.head = "linear"
+    c.tasks.spatial.weight, c.tasks.spatial.hidden_dim = 0.1, 0
 
     c.data.name = "coco_captions"
     c.data.builder_config = "karpathy"
+    c.data.builder_params = {}  # spatial_shapes only
     c.data.manual_dir = ""  # the folder with the COCO images and dataset_coco.json
-    c.data.image_size = 448
-    c.data.num_image_tokens = 256
     c.data.template = "internvl2_5"
-    c.data.tokenizer = ""  # set to init_from below when empty (the converted dir carries the tokenizer files)
     c.data.max_text_length = 40
     c.data.num_workers = 4
-
-    c.loss.itc, c.loss.itm, c.loss.box, c.loss.spatial = 1.0, 1.0, 0.1, 0.1
-    c.loss.box_l1, c.loss.box_giou = 1.0, 0.0  # the seed recipe's box loss is L1 only
 
     c.optim.rules = (("backbone/.*", "frozen"), (".*", "heads"))
     c.optim.groups = {"heads": dict(lr=1e-4, weight_decay=0.01, schedule="linear", warmup_frac=0.1,

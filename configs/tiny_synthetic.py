@@ -13,38 +13,77 @@ minute): 4 min 42 s wall. Validation split (500 images, 1000 captions), step 300
 
 import ml_collections
 
-from vlm_jax import losses
-from vlm_jax.data import pipeline
-from vlm_jax.models import multitask
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.init_from = ""  # a converted checkpoint dir or a stage-1 workdir: its backbone replaces the random one
+    c.init_from = ""  # a stage-1 workdir or a converted checkpoint dir: its modules init_from_keys replace the init
     c.init_from_keys = ("backbone",)  # top-level modules taken from init_from (a stage-1 run may give more)
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = "tiny"  # "tiny" (random, vocabulary from the data tokenizer) | "converted"
-    c.model.converted_dir = ""
+    c.model.backbone = "tiny"  # "tiny" (random, vocabulary sized to the tokenizer) | "converted"
+    c.model.converted_dir = ""  # backbone 'converted': python -m vlm_jax.convert's output (config, weights, tokenizer)
+    c.model.tokenizer = "demo"  # "demo" (BPE over the demo words) | a tokenizer directory | "" = converted_dir's
     c.model.tiny = ml_collections.ConfigDict(dict(image_size=64))  # overrides of InternVLConfig.tiny
-    c.model.dtype = "float32"
-    c.model.backbone_param_dtype = "float32"
-    c.model.heads = multitask.default_heads_config()
-    c.model.heads.adapter_dim = 64
-    c.model.heads.embed_dim = 64
+    c.model.dtype = "float32"  # backbone compute
+    c.model.backbone_param_dtype = "float32"  # backbone storage
+    # Shared layers on the backbone's features (vlm_jax.models.multitask).
+    c.model.embedding = ml_collections.ConfigDict(dict(
+        adapter_dim=64,           # A: adapters Dv -> A and D -> A (seed recipe: 256)
+        embed_dim=64,             # E: projectors A -> E (seed recipe: 256)
+        dropout=0.1,              # after the adapters' ReLU
+        vision_pool="cls",        # cls | mean | map
+        text_pool="last",         # last | mean | first (seed recipe: first)
+        fusion="late",            # late (pair features from the embeddings) | lm (image + caption through the LM)
+        fusion_features="interact",  # late fusion: interact [u, v, u*v, |u-v|] | concat [u, v] (seed recipe)
+        map_num_heads=8,          # attention pooling heads (vision_pool='map')
+        logit_scale_init=1 / 0.07,
+        logit_scale_max=100.0,
+    ))
 
-    c.data = pipeline.default_config()
-    c.data.name = "spatial_shapes"
+    # The tasks to train (vlm_jax.tasks): each weight scales that task's loss in the total.
+    c.tasks = ml_collections.ConfigDict()
+    c.tasks.itc = ml_collections.ConfigDict(dict(
+        weight=1.0,
+        matryoshka=0.0,  # > 0: adds this times the mean contrastive loss over the nested widths below
+        matryoshka_dims=(16, 32, 64),
+    ))
+    c.tasks.itm = ml_collections.ConfigDict(dict(weight=1.0, hidden_dim=256))  # hidden_dim 0 = linear head (seed)
+    # Box: weight * (l1 * L1 + giou * (1 - GIoU)). The seed recipe has weight 0.1 and L1 only; the demo adds GIoU
+    # (with L1 alone the tiny box head stays at the mean box) and weight 1.0 (box IoU 0.41 vs 0.25 with 0.1 at 800
+    # steps: experiments/results/ablation.jsonl).
+    c.tasks.box = ml_collections.ConfigDict(dict(
+        weight=1.0, l1=1.0, giou=1.0,
+        head="attention",  # attention (over the ViT patch tokens) | linear (on the fused feature; seed recipe)
+        num_heads=4,       # attention head
+        hidden_dim=256,    # attention head's MLP (0 = the vision width)
+    ))
+    c.tasks.spatial = ml_collections.ConfigDict(dict(weight=0.1, num_relations=6, hidden_dim=256))
+
+    # Tile size, <IMG_CONTEXT> tokens per tile and the tokenizer come from the model (pipeline.ModelInputs).
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "spatial_shapes"  # "spatial_shapes" | "coco_captions" | "refcoco"
+    c.data.builder_config = ""  # tfds config name ("" = the builder's default)
+    # spatial_shapes only, instead of builder_config: overrides of its default config (spatial_shapes.make_config).
     # 64 px, 4000 / 500 / 500 images with 2 captions each (the builder's "tiny" config has only 256 train images).
     c.data.builder_params = ml_collections.ConfigDict(dict(image_size=64, num_train=4000, num_validation=500,
                                                            num_test=500))
-    c.data.image_size = 64
-    c.data.num_image_tokens = 16  # (64 / 8)^2 patches, pixel shuffle 0.5
-
-    c.loss = losses.default_loss_config()
-    c.loss.box = 1.0  # box IoU 0.41 vs 0.25 with the seed's 0.1 at 800 steps (experiments/results/ablation.jsonl)
-    c.loss.box_giou = 1.0  # the demo adds the GIoU term: with L1 alone the tiny box head stays at the mean box
+    c.data.data_dir = ""  # tfds data_dir ("" = tfds default, ~/tensorflow_datasets)
+    c.data.manual_dir = ""  # real datasets: the folder with the user's files
+    c.data.prepare = True  # build the dataset when it is not in data_dir yet
+    c.data.skip_bad_records = False  # real datasets: skip (and count) missing/corrupt images instead of failing
+    c.data.train_split = "train"
+    c.data.num_epochs = -1  # training passes over the data; -1 = repeat forever
+    c.data.num_workers = 0  # grain worker processes (0 = in the main process)
+    c.data.worker_buffer_size = 2
+    c.data.template = "plain"  # chat template the model was trained with: "plain" | "internvl2_5"
+    c.data.max_text_length = 24
+    c.data.max_prompt_length = -1  # -1 = num_image_tokens * max tiles + max_text_length + 16
+    c.data.eval_dynamic_tiles = False
+    c.data.min_tiles = 1
+    c.data.max_tiles = 6
+    c.data.use_thumbnail = True
 
     c.optim = ml_collections.ConfigDict()
     # Ordered (regex over '/'-joined parameter paths, group); first full match wins; 'frozen' = not trained.
@@ -64,11 +103,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_train_steps = 3000  # micro-steps; <= 0: num_epochs passes over the training images
     c.num_epochs = 1.0
     c.log_every = 250
-    c.eval_every = 1500
+    c.eval_every = 1500  # 0 = only at the end
     c.eval_splits = ("validation",)
     c.max_consecutive_nonfinite = 5
 
+    # best_metric "split/metric" (e.g. "validation/t2i_r1") keeps the best checkpoints instead of the latest.
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, best_metric="", best_mode="max",
                                                   async_save=True))
-    c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="vlm_jax", run_id=""))
     return c

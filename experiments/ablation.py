@@ -6,7 +6,7 @@ per run goes to stdout and to --output (appended), with the final metrics of eve
 
     python experiments/ablation.py --steps 600 --output experiments/results/ablation.jsonl
     python experiments/ablation.py --steps 600 --runs seed_heads,default   # a subset
-    python experiments/ablation.py --runs default --extra="--config.loss.box=1.0"   # overrides for every run
+    python experiments/ablation.py --runs default --extra="--config.tasks.box.weight=1.0"   # overrides for every run
 
 Runs (name: overrides of configs/tiny_synthetic.py):
     seed_heads      the seed recipe's heads: [u, v] into linear ITM / box / spatial heads (late fusion, text last)
@@ -16,7 +16,7 @@ Runs (name: overrides of configs/tiny_synthetic.py):
     lm              default heads, lm fusion (image tokens and caption through the LM together)
     seed_heads_lm   the seed recipe's heads on lm fusion
     seed_recipe     seed heads + text first (the seed recipe's pooling and heads)
-    default_box1    default heads with box loss weight 1.0 instead of 0.1
+    default_box01   default heads with box loss weight 0.1 (the seed recipe's) instead of the demo's 1.0
 """
 
 import argparse
@@ -27,18 +27,18 @@ import sys
 import tempfile
 import time
 
-SEED_HEADS = ["--config.model.heads.fusion_features=concat", "--config.model.heads.head_hidden_dim=0",
-              "--config.model.heads.box_head=linear"]
+SEED_HEADS = ["--config.model.embedding.fusion_features=concat", "--config.tasks.itm.hidden_dim=0",
+              "--config.tasks.spatial.hidden_dim=0", "--config.tasks.box.head=linear"]
 
 RUNS = {
     "seed_heads": SEED_HEADS,
     "default": [],
-    "text_first": ["--config.model.heads.text_pool=first"],
-    "text_mean": ["--config.model.heads.text_pool=mean"],
-    "lm": ["--config.model.heads.fusion=lm"],
-    "seed_heads_lm": SEED_HEADS + ["--config.model.heads.fusion=lm"],
-    "default_box1": ["--config.loss.box=1.0"],
-    "seed_recipe": SEED_HEADS + ["--config.model.heads.text_pool=first"],
+    "text_first": ["--config.model.embedding.text_pool=first"],
+    "text_mean": ["--config.model.embedding.text_pool=mean"],
+    "lm": ["--config.model.embedding.fusion=lm"],
+    "seed_heads_lm": SEED_HEADS + ["--config.model.embedding.fusion=lm"],
+    "default_box01": ["--config.tasks.box.weight=0.1"],
+    "seed_recipe": SEED_HEADS + ["--config.model.embedding.text_pool=first"],
 }
 
 KEYS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "loss/itm", "loss/itm_acc", "box_iou", "box_giou", "box_l1",

@@ -104,7 +104,7 @@ def main():
         jdtype = jnp.dtype(dtype)
         flat = hf.flax_params_from({k: tuple(v.shape) for k, v in sd.items()},
                                    lambda n: sd[n].float().numpy(), cfg, "transformers", jdtype)
-        module = hf.build_model(cfg, flat, dtype=jdtype, param_dtype=jdtype)
+        module = hf.model_from_flat(cfg, flat, dtype=jdtype, param_dtype=jdtype)
         del flat
         if args.attention:
             module.set_attention_implementation(args.attention)

@@ -12,7 +12,7 @@ always logs. ``--full_reference`` adds the FLOPs of the same step with every par
 compiles from shapes only (no allocation, no timing), e.g. for the InternVL3-1B config on a laptop:
 
     python experiments/benchmark_train_step.py --config configs/internvl3_1b_retrieval.py --abstract \
-        --config.init_from=/data/internvl3_1b --config.optim.accum_steps=2
+        --config.model.converted_dir=/data/internvl3_1b --config.optim.accum_steps=2
 
 Inputs are random arrays with the batch layout of the data pipeline (no dataset is read).
 """
@@ -29,7 +29,9 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from vlm_jax import optim, sharding, train
+from vlm_jax import optim, sharding
+from vlm_jax.models import build
+from vlm_jax.trainer import Trainer, TrainState, make_trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=True)
@@ -113,10 +115,16 @@ def _bytes_by_group(tree, frozen_paths: set[str], trainable_paths: set[str]) -> 
     return out
 
 
-def _abstract_state(trainer: train.Trainer) -> train.TrainState:
+def forward_fn(trainer: Trainer):
+    """jit(model(batch, train=False)) over the train state: the FLOP baseline."""
+    return jax.jit(lambda state, batch: trainer.model(state)(batch, train=False),
+                   in_shardings=(trainer.state_shardings, sharding.batch_sharding(trainer.mesh)))
+
+
+def _abstract_state(trainer: Trainer) -> TrainState:
     params, frozen, rest = trainer.split_model_state(trainer.abstract_model)
     items = trainer.abstract_train_items()
-    return train.TrainState(step=items["step"], params=params, frozen=frozen, rest=rest,
+    return TrainState(step=items["step"], params=params, frozen=frozen, rest=rest,
                             opt_state=items["opt_state"], nonfinite=items["nonfinite"], skipped=items["skipped"])
 
 
@@ -132,8 +140,8 @@ def measure(config, steps: int = 10, full_reference: bool = False, abstract: boo
     that is split over the devices."""
     mesh = sharding.make_mesh(config.mesh, devices)
     num_steps = 1000  # only the schedules' length; irrelevant to cost
-    trainer = train.make_trainer(config, mesh, num_steps)
-    model_config = train.backbone_config(config)
+    model_config = build.resolve_backbone(config.model).config
+    trainer = make_trainer(config, mesh, num_steps, model_config)
     host_batch = synthetic_batch(config, model_config, int(config.batch_size))
     if abstract:
         state, batch = _abstract_state(trainer), _abstract_batch(host_batch, mesh)
@@ -144,14 +152,15 @@ def measure(config, steps: int = 10, full_reference: bool = False, abstract: boo
     rng = jax.random.key(0)
 
     step_flops = _flops(trainer.train_step.lower(state, batch, rng).compile())
-    forward_flops = _flops(trainer.forward_fn().lower(state, batch).compile())
+    forward_flops = _flops(forward_fn(trainer).lower(state, batch).compile())
     step_mm = jaxpr_matmul_flops(trainer._train_step, state, batch, rng)
-    forward_mm = jaxpr_matmul_flops(trainer.forward_fn(), state, batch)
+    forward_mm = jaxpr_matmul_flops(forward_fn(trainer), state, batch)
 
     trainable_paths = {optim.path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)}
     frozen_paths = {optim.path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.frozen)}
     result = {
-        "config_fusion": config.model.heads.fusion,
+        "config_fusion": config.model.embedding.fusion,
+        "tasks": sorted(config.tasks.keys()),
         "devices": jax.device_count(),
         "batch_size": int(config.batch_size),
         "accum_steps": trainer.opt.accum_steps,
@@ -173,13 +182,13 @@ def measure(config, steps: int = 10, full_reference: bool = False, abstract: boo
         jax.block_until_ready((state, metrics))
         step_time = (time.perf_counter() - start) / max(steps, 1)
         result.update(step_time_s=step_time, samples_per_s=int(config.batch_size) / step_time,
-                      loss=float(metrics["loss"]))
+                      loss=float(metrics["total"]))
     if full_reference:
         full = config.copy_and_resolve_references()
         full.optim.rules = ((".*", "all"),)
         group = optim.ParamGroups.from_config(config.optim.rules).trainable_groups[0]
         full.optim.groups = {"all": dict(config.optim.groups[group])}
-        ref = train.make_trainer(full, mesh, num_steps)
+        ref = make_trainer(full, mesh, num_steps, model_config)
         ref_state = _abstract_state(ref)
         result["full_train_step_flops"] = _flops(ref.train_step.lower(ref_state, batch, rng).compile())
         result["jaxpr_full_train_step_matmul_flops"] = jaxpr_matmul_flops(ref._train_step, ref_state, batch, rng)

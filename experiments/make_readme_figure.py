@@ -17,7 +17,6 @@ scores 0.089): the box head predicts about the same box for every caption (its l
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 
@@ -27,55 +26,40 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "docs" / "figures" / "spatial_shapes_predictions.png"
 
 
-def load_config(name: str):
-    from vlm_jax import config_files
+def restore_trained(workdir: str, num_train_steps: int, data_dir: str):
+    """The run in `workdir` at its latest checkpoint, after training the tiny config there if it has none."""
+    from vlm_jax import config_files, runs, train
+    from vlm_jax.checkpoints import run as run_checkpoints
 
-    return config_files.load_config_file(REPO / "configs" / f"{name}.py")
-
-
-def ensure_trained(workdir: str, num_train_steps: int, data_dir: str):
-    """The run's config: from the latest checkpoint's meta, after training the tiny config if there is none."""
-    import ml_collections
-    from vlm_jax import checkpointing, train
-
-    if not checkpointing.is_run_dir(workdir) or not os.listdir(os.path.join(workdir, checkpointing.CHECKPOINT_SUBDIR)):
-        config = load_config("tiny_synthetic")
+    subdir = os.path.join(workdir, run_checkpoints.CHECKPOINT_SUBDIR)
+    if not run_checkpoints.is_run_dir(workdir) or not os.listdir(subdir):
+        config = config_files.load_config_file(REPO / "configs" / "tiny_synthetic.py")
         config.num_train_steps = num_train_steps
         config.data.data_dir = data_dir
         config.checkpoint.every_steps = num_train_steps
         train.train_and_evaluate(config, workdir)
-    return ml_collections.ConfigDict(json.loads(checkpointing.read_meta(workdir)["config"]))
+    return runs.restore_run(workdir)
 
 
-def predict_split(config, workdir: str, split: str):
-    """(eval outputs of every (image, caption) pair of `split` from the latest checkpoint, their records, step)."""
-    from vlm_jax import checkpointing, evaluate, sharding, train
+def caption_pairs(config, split: str, image_ids: np.ndarray) -> list:
+    """(record, caption index) of every row of `split` as collected: record i, caption k, in order."""
     from vlm_jax.data import pipeline
 
-    mesh = sharding.make_mesh(config.mesh)
-    trainer = train.make_trainer(config, mesh)
-    manager = checkpointing.make_manager(workdir, config.checkpoint)
-    step = manager.latest_step()
-    model_state, items, _ = checkpointing.restore(manager, step, trainer.abstract_model, trainer.abstract_train_items())
-    state = trainer.assemble(model_state, items)
-    collected = evaluate.collect(lambda b: trainer.eval_step(state, b), train.make_data(config, split, train=False),
-                                 config.eval_batch_size, lambda b: sharding.global_batch(b, mesh))
     source = pipeline.make_builder(config.data).as_data_source(split=split)
-    # Eval rows are the (image, caption) pairs of the split in order: record i, caption k.
     pairs = [(source[i], k) for i in range(len(source)) for k in range(len(source[i]["captions"]))]
-    if [int(r["image_id"]) for r, _ in pairs] != collected["image_id"].tolist():
+    if [int(r["image_id"]) for r, _ in pairs] != image_ids.tolist():
         raise ValueError(f"eval rows of split {split!r} are not in record order")
-    return collected, pairs, step
+    return pairs
 
 
-def draw(collected, pairs, step: int, num_examples: int, ncols: int):
+def draw(collected, pairs, m: dict, step: int, num_examples: int, ncols: int):
+    """The figure of `collected` (outputs per row of the split) with the split's metrics `m` in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from vlm_jax import evaluate, viz
+    from vlm_jax import viz
     from vlm_jax.data.datasets.relations import RELATIONS
 
-    m = evaluate.compute_metrics(collected)
     predicted = collected["spatial_logits"].argmax(-1)
     # One caption of each of the first images, alternating between their captions (more scenes than 2 per image).
     show = [r for r in range(len(pairs)) if pairs[r][1] == (r // 2) % len(pairs[r][0]["captions"])][:num_examples]
@@ -92,7 +76,7 @@ def draw(collected, pairs, step: int, num_examples: int, ncols: int):
                  f"(chance {m['chance/spatial_acc']:.2f}), text->image R@1 {m['t2i_r1']:.3f} "
                  f"(chance {m['chance/t2i_r1']:.3f})\ngreen: true subject box, dashed magenta: predicted",
                  fontsize=9)
-    return fig, m
+    return fig
 
 
 def main(argv=None) -> None:
@@ -107,12 +91,16 @@ def main(argv=None) -> None:
     parser.add_argument("--dpi", type=int, default=80)
     args = parser.parse_args(argv)
 
-    config = ensure_trained(args.workdir, args.num_train_steps, args.data_dir)
-    collected, pairs, step = predict_split(config, args.workdir, args.split)
-    fig, m = draw(collected, pairs, step, args.num_examples, args.ncols)
+    from vlm_jax import runs
+
+    run = restore_trained(args.workdir, args.num_train_steps, args.data_dir)
+    m = runs.evaluate_split(run, args.split)
+    collected = runs.collect_split(run, args.split)
+    pairs = caption_pairs(run.config, args.split, collected["image_id"])
+    fig = draw(collected, pairs, m, run.step, args.num_examples, args.ncols)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     fig.savefig(args.output, dpi=args.dpi)
-    print(f"wrote {args.output} ({os.path.getsize(args.output) / 1024:.0f} KB); step {step} {args.split}: "
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 1024:.0f} KB); step {run.step} {args.split}: "
           + ", ".join(f"{k} {m[k]:.3f}" for k in ("box_iou", "spatial_acc", "t2i_r1", "i2t_r1")))
 
 

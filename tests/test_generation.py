@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from tests import hf_fixtures
-from vlm_jax import generation
-from vlm_jax.data import preprocess, tokenizer
+from vlm_jax import generation, inference, tokenizer
+from vlm_jax.data import preprocess
 from vlm_jax.pretrained import PretrainedInternVL, load_module
 
 WORDS = ["a", "red", "square", "circle", "what", "is", "this", "left", "of", "the"]
@@ -71,7 +71,7 @@ def test_kv_cache_decode_equals_full_recomputation(setup):
     # And the cache's own logits agree with the full forward's at the first generated position.
     # (padded to the bucket generate_ids used, so the compiled prefill is reused)
     graphdef, state = generation.nnx.split(model)
-    width = generation.bucket_length(t)
+    width = inference.bucket_pow2(t, minimum=generation.MIN_PROMPT_BUCKET)
     pad = ((0, 0), (width - t, 0))
     first, _, _ = generation._prefill(graphdef, state, jnp.asarray(px), jnp.asarray(np.pad(ids, pad), jnp.int32),
                                       jnp.asarray(np.pad(mask, pad), jnp.int32), cache_len=width + NEW)
@@ -108,14 +108,15 @@ def test_no_recompile_within_a_bucket(setup):
     tok, ckpt, model = setup
     _, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(0, 0), length=20, seed=3)
     generation.generate_ids(model, ids, mask, None, max_new_tokens=NEW, eos_token_id=NEVER, pad_token_id=0)
-    before = dict(generation.TRACE_COUNTS)
+    compiled = lambda: (generation._prefill._cache_size(), generation._decode._cache_size())  # noqa: E731
+    before = compiled()
     for cut in (1, 3):  # shorter prompts, same 32-token bucket, and other sampling settings
         generation.generate_ids(model, ids[:, cut:], mask[:, cut:], None, max_new_tokens=NEW, eos_token_id=NEVER,
                                 pad_token_id=0, sampling=generation.SamplingParams(0.7, 5, 0.9, seed=cut))
     # load_pretrained's wrapper is accepted and holds the same module: still nothing new to compile.
     wrapped = PretrainedInternVL(model, model.config)
     generation.generate_ids(wrapped, ids, mask, None, max_new_tokens=NEW, eos_token_id=NEVER, pad_token_id=0)
-    assert generation.TRACE_COUNTS == before
+    assert compiled() == before
 
 
 def test_sampling_is_seeded_and_limits_reduce_to_greedy(setup):

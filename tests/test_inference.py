@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests import hf_fixtures
-from vlm_jax import inference
-from vlm_jax.data import preprocess, tokenizer
+from vlm_jax import inference, tokenizer
+from vlm_jax.data import preprocess
 from vlm_jax.data.prompt import PromptBuilder
 from vlm_jax.pretrained import load_module
 
@@ -85,12 +85,13 @@ def test_text_mean_pooling_matches_transformers(setup):
 def test_one_compile_per_bucket(setup):
     tok, ckpt, model, _ = setup
     inference.encode_texts(model, TEXTS, tokenizer=tok, batch_size=4)  # rows 4, length bucket 16
-    before = dict(inference.TRACE_COUNTS)
+    compiled = lambda: (inference._vision_embed._cache_size(), inference._lm_embed._cache_size())  # noqa: E731
+    before = compiled()
     # Other lengths and counts inside the same buckets: nothing is traced again.
     inference.encode_texts(model, ["a big red square left of the circle", "red", "blue"], tokenizer=tok,
                            batch_size=4)
     inference.encode_texts(model, TEXTS[::-1], tokenizer=tok, batch_size=4, progress=True)
-    assert inference.TRACE_COUNTS == before
+    assert compiled() == before
 
 
 def test_errors(setup):
@@ -123,3 +124,8 @@ def _torch_lm_multi(ckpt, seq, tiles):
         hidden = ckpt.model.model(input_ids=torch.tensor([seq]),
                                   pixel_values=torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous())
     return _unit(hidden.last_hidden_state[0, -1:].numpy())
+
+
+def test_bucket_pow2():
+    assert [inference.bucket_pow2(n) for n in (0, 1, 2, 3, 5, 8, 9)] == [1, 1, 2, 4, 8, 8, 16]
+    assert [inference.bucket_pow2(n, minimum=16) for n in (1, 16, 17)] == [16, 16, 32]

@@ -1,4 +1,5 @@
-"""Losses against direct PyTorch formulas, the sampling rules of ITM negatives, and bad-input behaviour."""
+"""Losses against direct PyTorch formulas, the sampling rules of ITM negatives, the weighted total over the tasks,
+and bad-input behaviour."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from vlm_jax import losses
+from vlm_jax import tasks as tasks_lib
+from vlm_jax.tasks import itm
+from fixtures import make_tasks
 
 
 def torch_clip_loss(img, txt, scale, image_ids=None):
@@ -58,7 +62,7 @@ def test_hard_negatives_exclude_same_image_and_follow_softmax():
     sim = jnp.asarray(rng.normal(size=(6, 6)).astype(np.float32) * 2)
     ids = jnp.array([0, 1, 0, 2, 3, 3])
     keys = jax.random.split(jax.random.key(0), 4000)
-    draws = jax.jit(jax.vmap(lambda k: losses.sample_hard_negatives(sim, ids, k)))(keys)
+    draws = jax.jit(jax.vmap(lambda k: itm.sample_hard_negatives(sim, ids, k)))(keys)
     same = np.asarray(ids)[:, None] == np.asarray(ids)[None, :]
     rows = np.arange(6)
     neg_t, neg_i = np.asarray(draws["neg_text"]), np.asarray(draws["neg_image"])
@@ -75,13 +79,13 @@ def test_hard_negatives_exclude_same_image_and_follow_softmax():
     q /= q.sum()
     np.testing.assert_allclose(np.bincount(neg_i[:, 0], minlength=6) / len(keys), q, atol=0.03)
     # rng=None: the hardest allowed negative.
-    hard = losses.sample_hard_negatives(sim, ids, None)
+    hard = itm.sample_hard_negatives(sim, ids, None)
     np.testing.assert_array_equal(hard["neg_text"], np.argmax(np.where(same, -np.inf, s), axis=1))
     np.testing.assert_array_equal(hard["neg_image"], np.argmax(np.where(same, -np.inf, s), axis=0))
 
 
 def test_hard_negatives_when_no_negative_exists():
-    out = losses.sample_hard_negatives(jnp.zeros((3, 3)), jnp.array([5, 5, 5]), jax.random.key(1))
+    out = itm.sample_hard_negatives(jnp.zeros((3, 3)), jnp.array([5, 5, 5]), jax.random.key(1))
     assert not np.asarray(out["neg_text_valid"]).any() and not np.asarray(out["neg_image_valid"]).any()
     np.testing.assert_array_equal(out["neg_text"], [0, 1, 2])
 
@@ -139,6 +143,12 @@ def make_case(b=4, e=16, seed=0):
         "itm_labels": jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)]),
         "box_pred": jnp.asarray(rng.uniform(0, 1, size=(b, 4)), jnp.float32),
         "spatial_logits": jnp.asarray(rng.normal(size=(b, 6)), jnp.float32),
+        "itm_valid": jnp.ones(3 * b, bool),
+        # (image row, caption row): positives, then (i, i+1) and (i+1, i) as negatives
+        "itm_pairs": jnp.asarray(np.concatenate([np.stack([np.arange(b)] * 2, 1),
+                                                 np.stack([np.arange(b), (np.arange(b) + 1) % max(b, 1)], 1),
+                                                 np.stack([(np.arange(b) + 1) % max(b, 1), np.arange(b)], 1)]),
+                                 jnp.int32).reshape(3 * b, 2),
     }
     batch = {
         "image_id": jnp.arange(b, dtype=jnp.int32),
@@ -154,34 +164,54 @@ def make_case(b=4, e=16, seed=0):
 FLOAT_KEYS = ("image_emb", "text_emb", "logit_scale", "itm_logits", "box_pred", "spatial_logits")
 
 
-def jit_total(outputs, batch, weights=None):
-    """Jitted total_loss (eager dispatch of its many small ops is slow on a busy CPU)."""
-    return jax.jit(lambda o, b: losses.total_loss(o, b, weights))(outputs, batch)
+# The seed recipe's task settings: ITC + ITM + 0.1 L1(box) + 0.1 CE(spatial).
+SEED = dict(itc=dict(weight=1.0, matryoshka=0.0), itm=dict(weight=1.0), box=dict(weight=0.1, l1=1.0, giou=0.0),
+            spatial=dict(weight=0.1))
 
 
-def total_and_grads(outputs, batch, weights=None):
+def seed_tasks(**changes):
+    """Task modules with the seed recipe's weights, updated by ``changes`` ({task: {field: value}})."""
+    return make_tasks({name: dict(SEED[name], **changes.get(name, {})) for name in SEED})
+
+
+def jit_total(outputs, batch, tasks=None):
+    """Jitted total loss over the tasks (eager dispatch of its many small ops is slow on a busy CPU)."""
+    tasks = seed_tasks() if tasks is None else tasks
+    return jax.jit(lambda o, b: tasks_lib.total_loss(tasks, o, b))(outputs, batch)
+
+
+def total_and_grads(outputs, batch, tasks=None):
     """Jitted total loss and its gradient with respect to the float model outputs."""
+    tasks = seed_tasks() if tasks is None else tasks
     ints = {k: v for k, v in outputs.items() if k not in FLOAT_KEYS}
 
     def f(floats):
-        return losses.total_loss({**floats, **ints}, batch, weights)[0]
+        return tasks_lib.total_loss(tasks, {**floats, **ints}, batch)[0]
 
     floats = {k: outputs[k] for k in FLOAT_KEYS}
     return jax.jit(jax.value_and_grad(f))(floats)
 
 
-def test_total_is_weighted_sum_with_seed_defaults():
+def test_total_is_weighted_sum_of_the_tasks():
     outputs, batch = make_case()
-    total, terms = jax.jit(losses.total_loss)(outputs, batch)
+    total, terms = jit_total(outputs, batch)
     expect = terms["itc"] + terms["itm"] + 0.1 * terms["box_l1"] + 0.1 * terms["spatial"]
     assert float(total) == pytest.approx(float(expect), rel=1e-6)
-    weights = {"box_giou": 1.0, "matryoshka": 0.5, "matryoshka_dims": (4, 8, 16)}
-    total2, terms2 = jax.jit(lambda o, b: losses.total_loss(o, b, weights))(outputs, batch)
-    expect2 = expect + 0.1 * (1 - terms2["box_giou"]) + 0.5 * terms2["matryoshka"]
-    assert float(total2) == pytest.approx(float(expect2), rel=1e-6)
-    assert set(terms2) >= {"matryoshka_d4", "matryoshka_d16", "total"}
-    with pytest.raises(ValueError, match="unknown keys"):
-        jit_total(outputs, batch, {"itc_weight": 1.0})
+    ref_itc = torch_clip_loss(outputs["image_emb"], outputs["text_emb"], 1 / 0.07)
+    assert float(terms["itc"]) == pytest.approx(ref_itc, rel=1e-5)
+    tasks = seed_tasks(box=dict(giou=1.0), itc=dict(matryoshka=0.5, matryoshka_dims=(4, 8, 16)))
+    total2, terms2 = jit_total(outputs, batch, tasks)
+    mrl = np.mean([torch_clip_loss(outputs["image_emb"][:, :d], outputs["text_emb"][:, :d], 1 / 0.07)
+                   for d in (4, 8, 16)])
+    expect2 = ref_itc + 0.5 * mrl + terms["itm"] + 0.1 * (terms["box_l1"] + 1 - terms2["box_giou"]) \
+        + 0.1 * terms["spatial"]
+    assert float(total2) == pytest.approx(float(expect2), rel=1e-5)
+    assert set(terms2) >= {"itc_matryoshka_d4", "itc_matryoshka_d16", "itc_contrastive", "total"}
+    # A task left out of config.tasks adds nothing.
+    no_box = {k: v for k, v in seed_tasks().items() if k != "box"}
+    total3, terms3 = jit_total(outputs, batch, no_box)
+    assert float(total3) == pytest.approx(float(expect - 0.1 * terms["box_l1"]), rel=1e-6)
+    assert "box" not in terms3
 
 
 def test_nan_policy_masked_ignored_valid_propagates():
@@ -190,7 +220,7 @@ def test_nan_policy_masked_ignored_valid_propagates():
     batch_nan = dict(batch, box=batch["box"].at[1].set(jnp.nan), relation=batch["relation"].at[0].set(-7))
     outputs_nan = dict(outputs, box_pred=outputs["box_pred"].at[1].set(jnp.nan),
                        spatial_logits=outputs["spatial_logits"].at[0].set(jnp.inf))
-    total, grads = total_and_grads(outputs_nan, batch_nan, {"box_giou": 1.0})
+    total, grads = total_and_grads(outputs_nan, batch_nan, seed_tasks(box=dict(giou=1.0)))
     assert np.isfinite(float(total))
     for name in ("box_pred", "spatial_logits", "image_emb", "itm_logits"):
         assert np.all(np.isfinite(grads[name])), name
@@ -204,13 +234,13 @@ def test_nan_policy_masked_ignored_valid_propagates():
 
 def test_empty_batch_and_nothing_valid_give_zero_with_finite_grads():
     outputs, batch = make_case(b=0)
-    total, terms = jit_total(outputs, batch, {"box_giou": 1.0})
+    total, terms = jit_total(outputs, batch, seed_tasks(box=dict(giou=1.0)))
     assert float(total) == 0.0 and all(np.isfinite(float(v)) for v in terms.values())
     outputs, batch = make_case(b=3)
     batch = dict(batch, has_box=jnp.zeros(3, bool), has_relation=jnp.zeros(3, bool))
-    total, terms = jit_total(outputs, batch, {"box_giou": 1.0})
+    total, terms = jit_total(outputs, batch, seed_tasks(box=dict(giou=1.0)))
     assert float(terms["box"]) == 0.0 and float(terms["spatial"]) == 0.0
-    _, grads = total_and_grads(outputs, batch, {"box_giou": 1.0})
+    _, grads = total_and_grads(outputs, batch, seed_tasks(box=dict(giou=1.0)))
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     np.testing.assert_array_equal(grads["box_pred"], 0.0)
 
@@ -223,7 +253,7 @@ def test_gradients_finite_on_edge_cases():
                    box_pred=jnp.array([[0.5, 0.5, 0.5, 0.5], [0.7, 0.2, 0.1, 0.9], [0, 0, 1, 1.0]]))
     batch = dict(batch, has_box=jnp.ones(b, bool),
                  box=jnp.array([[0.5, 0.5, 0.5, 0.5], [0.1, 0.1, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]]))
-    total, grads = total_and_grads(outputs, batch, {"box_giou": 1.0, "matryoshka": 1.0, "matryoshka_dims": (8, 16)})
+    total, grads = total_and_grads(outputs, batch, seed_tasks(box=dict(giou=1.0), itc=dict(matryoshka=1.0, matryoshka_dims=(8, 16))))
     assert np.isfinite(float(total))
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     one, one_batch = make_case(b=1)
@@ -238,26 +268,29 @@ def test_padding_rows_count_nowhere():
     valid = np.array([True, True, True, False, True, False])
     out = losses.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), 10.0, jnp.asarray(ids), jnp.asarray(valid))
     assert float(out["loss"]) == pytest.approx(torch_clip_loss(img[valid], txt[valid], 10.0, ids[valid]), rel=1e-5)
-    neg = jax.jit(jax.vmap(lambda k: losses.sample_hard_negatives(jnp.asarray(img @ txt.T), jnp.asarray(ids), k,
+    neg = jax.jit(jax.vmap(lambda k: itm.sample_hard_negatives(jnp.asarray(img @ txt.T), jnp.asarray(ids), k,
                                                                   jnp.asarray(valid))))(
         jax.random.split(jax.random.key(2), 200))
     assert valid[np.asarray(neg["neg_text"])[:, valid]].all() and valid[np.asarray(neg["neg_image"])[:, valid]].all()
     assert not np.asarray(neg["neg_text_valid"])[:, ~valid].any()
-    # total_loss with `valid` equals total_loss on the valid rows alone (ITM rows checked through itm_pairs).
+    # The total with `valid` equals the total on the valid rows alone (ITM rows checked through itm_pairs).
     outputs, batch = make_case(b=6, seed=7)
     keep = np.flatnonzero(valid)
     pairs = np.concatenate([np.stack([np.arange(6)] * 2, 1), np.array([[0, 1], [1, 2], [2, 4], [3, 0], [4, 0],
                                                                          [5, 1]])])
     outputs = dict(outputs, itm_logits=outputs["itm_logits"][:12], itm_labels=outputs["itm_labels"][:12],
-                   itm_pairs=jnp.asarray(pairs))
+                   itm_valid=outputs["itm_valid"][:12], itm_pairs=jnp.asarray(pairs))
     full_batch = dict(batch, image_id=jnp.asarray(ids), valid=jnp.asarray(valid))
-    _, terms = jit_total(outputs, full_batch, {"box_giou": 1.0})
-    sub_out = {k: v[keep] for k, v in outputs.items() if k not in ("logit_scale", "itm_logits", "itm_labels",
-                                                                    "itm_pairs")}
+    _, terms = jit_total(outputs, full_batch, seed_tasks(box=dict(giou=1.0)))
+    itm_keys = ("itm_logits", "itm_labels", "itm_valid", "itm_pairs")
+    sub_out = {k: v[keep] for k, v in outputs.items() if k not in ("logit_scale", *itm_keys)}
     pair_ok = valid[pairs[:, 0]] & valid[pairs[:, 1]]
+    # The valid pairs, re-indexed to the valid rows (an ITM pair's rows must exist in the smaller batch).
+    new_row = np.cumsum(valid) - 1
     sub_out.update(logit_scale=outputs["logit_scale"], itm_logits=outputs["itm_logits"][pair_ok],
-                   itm_labels=outputs["itm_labels"][pair_ok])
+                   itm_labels=outputs["itm_labels"][pair_ok], itm_valid=outputs["itm_valid"][pair_ok],
+                   itm_pairs=jnp.asarray(new_row[pairs[pair_ok]]))
     sub_batch = {k: v[keep] for k, v in full_batch.items() if k != "valid"}
-    _, sub_terms = jit_total(sub_out, sub_batch, {"box_giou": 1.0})
+    _, sub_terms = jit_total(sub_out, sub_batch, seed_tasks(box=dict(giou=1.0)))
     for k in ("itc", "itm", "box", "spatial", "total"):
         assert float(terms[k]) == pytest.approx(float(sub_terms[k]), rel=1e-5), k

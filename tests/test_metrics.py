@@ -113,18 +113,3 @@ def test_spatial_metrics_class_absent_everywhere_is_excluded():
     assert np.isnan(got["per_class_f1"][3])
     with pytest.raises(ValueError, match="spatial_metrics"):
         metrics.spatial_metrics([0, 7], [0, 1])
-
-
-def test_train_metrics_collection_averages_and_keeps_last():
-    names = ("total", "itc")
-    cls = metrics.make_metrics_collection(names, last=("logit_scale",))
-    m = cls.single_from_model_output(total=jnp.float32(2.0), itc=jnp.float32(1.0), logit_scale=jnp.float32(10.0))
-    m = m.merge(cls.single_from_model_output(total=jnp.float32(4.0), itc=jnp.float32(3.0),
-                                             logit_scale=jnp.float32(12.0)))
-    out = m.compute()
-    assert out["total"] == pytest.approx(3.0) and out["itc"] == pytest.approx(2.0)
-    assert out["logit_scale"] == pytest.approx(12.0)
-    # The default collection accepts the full terms dict of losses.total_loss.
-    terms = {k: jnp.float32(1.0) for k in metrics.TRAIN_TERMS + ("logit_scale", "extra")}
-    assert set(metrics.TrainMetrics.single_from_model_output(**terms).compute()) == set(metrics.TRAIN_TERMS) | {
-        "logit_scale"}

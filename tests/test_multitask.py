@@ -1,4 +1,5 @@
-"""MultitaskModel on a tiny random InternVL: shapes, pooling vs numpy, fusion pairs, determinism, sizes, gradients."""
+"""MultitaskModel and its tasks on a tiny random InternVL: shapes, pooling vs numpy, fusion pairs, determinism,
+sizes, gradients, config errors."""
 
 import logging
 
@@ -10,10 +11,11 @@ import optax
 import pytest
 from flax import nnx
 
+from fixtures import demo_config
 from vlm_jax import box_ops, losses
 from vlm_jax.models import InternVL, InternVLConfig, pooling
-from vlm_jax.models.multitask import (SEED_RECIPE_HEADS, AttentionBoxHead, MultitaskModel, box_from_logits,
-                                      default_heads_config, late_fusion_features, patch_grid)
+from vlm_jax.models.multitask import MultitaskModel, late_fusion_features
+from vlm_jax.tasks.heads import AttentionBoxHead, box_from_logits, patch_grid
 
 IMG_START, IMG_END, IMG_CONTEXT = 61, 62, 63
 B, L = 4, 6
@@ -23,9 +25,21 @@ def tiny_backbone():
     return InternVL(InternVLConfig.tiny(vocab_size=64, image_token_id=IMG_CONTEXT), rngs=nnx.Rngs(0))
 
 
-def heads_config(**changes):
-    cfg = default_heads_config()
+def embedding_config(**changes):
+    cfg = demo_config().model.embedding
     cfg.update(dict(adapter_dim=16, embed_dim=8, map_num_heads=4) | changes)
+    return cfg
+
+
+def task_configs(hidden_dim=12, seed_heads=False, **changes):
+    """The demo's tasks with small heads; `seed_heads`: the seed recipe's linear heads."""
+    cfg = demo_config().tasks
+    for name in ("itm", "spatial", "box"):
+        cfg[name].hidden_dim = 0 if seed_heads and name != "box" else hidden_dim
+    if seed_heads:
+        cfg.box.head = "linear"
+    for name, fields in changes.items():
+        cfg[name].update(fields)
     return cfg
 
 
@@ -59,7 +73,7 @@ def train_step(model, batch):
     """Loss, gradients of the trainable part (all but the frozen backbone) and the outputs, in one compile."""
     def loss_fn(m):
         outputs = m(batch, train=True)
-        return losses.total_loss(outputs, batch, {"box_giou": 1.0})[0], outputs
+        return m.loss(outputs, batch)[0], outputs
 
     (loss, outputs), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE), has_aux=True)(model)
     return loss, grads, outputs
@@ -81,14 +95,20 @@ def run(request, backbone):
     """One model per fusion (and the seed recipe's heads on late fusion) on a shared backbone, two train steps and
     (late only: eval does not depend on the fusion's randomness) two eval calls."""
     fusion, _, heads = request.param.partition("-")
-    changes = dict(fusion=fusion, head_hidden_dim=12) | (SEED_RECIPE_HEADS if heads == "seed" else {})
-    model = MultitaskModel(backbone, heads_config(**changes), rngs=nnx.Rngs(params=1, dropout=2, itm=3))
+    seed = heads == "seed"
+    embedding = embedding_config(fusion=fusion, fusion_features="concat" if seed else "interact")
+    model = MultitaskModel(backbone, embedding, task_configs(seed_heads=seed),
+                           rngs=nnx.Rngs(params=1, dropout=2, itm=3))
     batch = make_batch(backbone.config.num_image_tokens)
     steps = [train_step(model, batch) for _ in range(2)]
     outs = {"train1": steps[0][2], "train2": steps[1][2], "loss": steps[0][0], "grads": steps[0][1]}
     if request.param == "late":
         outs["eval1"], outs["eval2"] = eval_forward(model, batch), eval_forward(model, batch)
     return model, batch, outs
+
+
+def seed_heads(model):
+    return model.config.fusion_features == "concat"
 
 
 def test_output_shapes_and_ranges(run):
@@ -102,7 +122,9 @@ def test_output_shapes_and_ranges(run):
     assert out["image_emb"].shape == out["text_emb"].shape == (B, e)
     assert out["itm_logits"].shape == (3 * B, 2) and out["itm_labels"].shape == out["itm_valid"].shape == (3 * B,)
     assert out["box_pred"].shape == (B, 4) and out["spatial_logits"].shape == (B, 6)
-    assert out["fused"].shape == (B, fused) and out["logit_scale"].shape == ()
+    assert model.tasks["itm"].head.kernel.shape[0] == fused if seed_heads(model) else \
+        model.tasks["itm"].head.hidden.kernel.shape[0] == fused
+    assert out["logit_scale"].shape == ()
     np.testing.assert_allclose(jnp.linalg.norm(out["image_emb"], axis=-1), 1.0, rtol=1e-5)
     box = np.asarray(out["box_pred"])
     assert (box >= 0).all() and (box <= 1).all() and (box[:, 2:] >= box[:, :2]).all()
@@ -154,7 +176,7 @@ def test_itm_pairs_are_the_fused_inputs(run):
 
         fused = fused_pass(model, batch["image"][pairs[:, 0]], batch["prompt_ids"][pairs[:, 1]],
                            batch["prompt_mask"][pairs[:, 1]])
-    np.testing.assert_allclose(model.itm_head(fused), out["itm_logits"], atol=1e-4)
+    np.testing.assert_allclose(model.tasks["itm"].head(fused), out["itm_logits"], atol=1e-4)
 
 
 def test_text_pooling_vs_numpy():
@@ -200,8 +222,8 @@ def test_box_from_logits_is_valid_everywhere():
 
 
 def test_config_errors_and_first_token_warning(caplog, backbone):
-    def build(**changes):
-        MultitaskModel(backbone, heads_config(**changes), rngs=nnx.Rngs(0))
+    def build(tasks=None, **changes):
+        MultitaskModel(backbone, embedding_config(**changes), tasks or task_configs(), rngs=nnx.Rngs(0))
 
     with pytest.raises(ValueError, match="vision_pool"):
         build(vision_pool="max")
@@ -209,12 +231,14 @@ def test_config_errors_and_first_token_warning(caplog, backbone):
         build(fusion="early")
     with pytest.raises(ValueError, match="fusion_features"):
         build(fusion_features="sum")
-    with pytest.raises(ValueError, match="box_head"):
-        build(box_head="detr")
-    with pytest.raises(ValueError, match="head_hidden_dim"):
-        build(head_hidden_dim=-1)
-    with pytest.raises(ValueError, match="unknown keys"):
-        MultitaskModel(backbone, {"embed_width": 3}, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="tasks.box.head"):
+        build(task_configs(box=dict(head="detr")))
+    with pytest.raises(ValueError, match="hidden_dim"):
+        build(task_configs(itm=dict(hidden_dim=-1)))
+    unknown = task_configs()
+    unknown.detr = dict(weight=1.0)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        build(unknown)
     with caplog.at_level(logging.WARNING):
         build(text_pool="first")
     assert "first token sees only itself" in caplog.text
@@ -222,12 +246,14 @@ def test_config_errors_and_first_token_warning(caplog, backbone):
 
 def test_seed_recipe_trainable_parameter_counts():
     """InternVL3-1B widths, built abstractly (nothing allocated); the heads are counted from the formulas."""
-    cfg = default_heads_config()
-    cfg.update(dict(vision_pool="cls", text_pool="first", fusion="late") | SEED_RECIPE_HEADS)   # the seed recipe
+    cfg = embedding_config(adapter_dim=256, embed_dim=256, vision_pool="cls", text_pool="first", fusion="late",
+                           fusion_features="concat")   # the seed recipe
     model = nnx.eval_shape(lambda: MultitaskModel(InternVL(InternVLConfig(image_token_id=151667),
-                                                           rngs=nnx.Rngs(0)), cfg, rngs=nnx.Rngs(0)))
+                                                           rngs=nnx.Rngs(0)), cfg, task_configs(seed_heads=True),
+                                                  rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params.pop("backbone")
+    params.update({f"{name}_head": p["head"] for name, p in params.pop("tasks").items()})
     print(clu.parameter_overview.get_parameter_overview(params, include_stats=False))
     dv, d, a, e = 1024, 896, 256, 256
     expected = {
@@ -248,9 +274,12 @@ def test_gradients_finite_through_total_loss(run):
     flat = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(outs["grads"]))
     assert flat and all(np.isfinite(g).all() for _, g in flat)
     assert not any(p[0].key == "backbone" for p, _ in flat)
-    for head in ("vision_adapter", "text_adapter", "vision_proj", "itm_head", "box_head", "spatial_head",
-                 "logit_scale"):
-        assert any(np.abs(g).sum() > 0 for p, g in flat if p[0].key == head), head
+    def key(path):  # top-level module, or tasks/<name>
+        return "/".join(str(k.key) for k in path[:2]) if path[0].key == "tasks" else path[0].key
+
+    for module in ("vision_adapter", "text_adapter", "vision_proj", "tasks/itm", "tasks/box", "tasks/spatial",
+                   "logit_scale"):
+        assert any(np.abs(g).sum() > 0 for p, g in flat if key(p) == module), module
 
 
 def test_first_token_pooling_ignores_the_caption(backbone):

@@ -1,4 +1,8 @@
-"""Every notebook in experiments/ runs top to bottom on tiny settings (nbclient, the venv's python3 kernel).
+"""Every notebook runs top to bottom on tiny settings (nbclient, the venv's python3 kernel).
+
+What runs is what is in git: the text notebooks experiments/notebooks/<name>.py (jupytext percent format), read with
+`jupytext.read`; a fast test checks that each committed experiments/<name>.ipynb (the copy Colab opens) has the same
+cells.
 
 The kernels get `VLM_JAX_NOTEBOOK_TINY=1` (the notebooks' parameter cells read it), fresh temporary folders, one CPU
 device, the Agg backend and a shared persistent compilation cache (the restore notebook reuses the training
@@ -15,6 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
+import jupytext
 import nbformat
 import numpy as np
 import pytest
@@ -22,7 +27,17 @@ from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
+TEXT_NOTEBOOKS = EXPERIMENTS / "notebooks"
 NOTEBOOKS = ("quickstart", "train_spatial_shapes", "restore_and_evaluate")
+SYNC = "jupytext --sync experiments/notebooks/*.py"  # experiments/notebooks/README.md
+
+
+def read_text_notebook(name: str) -> nbformat.NotebookNode:
+    return jupytext.read(TEXT_NOTEBOOKS / f"{name}.py")
+
+
+def _code_cells(nb) -> list:
+    return [c for c in nb.cells if c.cell_type == "code"]
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +65,12 @@ def kernel_env(tmp_path_factory):
 
 
 def run_notebook(name: str, probe: str | None = None) -> nbformat.NotebookNode:
-    """Executes experiments/<name>.ipynb in experiments/ (a cell error raises CellExecutionError).
+    """Executes the text notebook experiments/notebooks/<name>.py in experiments/, where its .ipynb opens (a cell
+    error raises CellExecutionError).
 
     probe: extra code run after the last cell; its stdout is returned as the notebook's `probe` metadata.
     """
-    nb = nbformat.read(EXPERIMENTS / f"{name}.ipynb", as_version=4)
+    nb = read_text_notebook(name)
     if probe is not None:
         nb.cells.append(nbformat.v4.new_code_cell(probe))
     client = NotebookClient(nb, kernel_name="python3", timeout=300, allow_errors=False,
@@ -101,20 +117,30 @@ def trained(training):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_committed_without_outputs_and_with_the_install_and_parameter_cells(name):
+def test_committed_ipynb_has_the_cells_of_its_text_notebook(name):
+    text = read_text_notebook(name)
     nb = nbformat.read(EXPERIMENTS / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(not c.outputs and c.execution_count is None for c in code), f"{name}: clear the outputs"
-    install, params = code[0].source, code[1]
+    assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in text.cells], \
+        f"experiments/{name}.ipynb differs from experiments/notebooks/{name}.py: run `{SYNC}`"
+    assert all(not c.outputs and c.execution_count is None for c in _code_cells(nb)), f"{name}.ipynb: clear the outputs"
+    for params in (_code_cells(text)[1], _code_cells(nb)[1]):
+        assert "parameters" in params.metadata.get("tags", []) and "VLM_JAX_NOTEBOOK_TINY" in params.source
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_text_notebook_opens_on_colab_and_installs_vlm_jax(name):
+    nb = read_text_notebook(name)
+    link = f"https://colab.research.google.com/github/YOUR_ORG/vlm_jax/blob/main/experiments/{name}.ipynb"
+    assert nb.cells[0].cell_type == "markdown" and f"[Open in Colab]({link})" in nb.cells[0].source
+    install = _code_cells(nb)[0].source
     assert "REPO_URL" in install and 'find_spec("vlm_jax") is None' in install and "pip" in install
-    assert "parameters" in params.metadata.get("tags", []) and "VLM_JAX_NOTEBOOK_TINY" in params.source
+    assert install == _code_cells(read_text_notebook(NOTEBOOKS[0]))[0].source, "one install cell for every notebook"
 
 
 def test_install_cell_is_skipped_when_vlm_jax_is_importable(kernel_env):
-    nb = nbformat.read(EXPERIMENTS / "quickstart.ipynb", as_version=4)
-    first = [c for c in nb.cells if c.cell_type == "code"][:1]
-    nb.cells = first
+    nb = read_text_notebook("quickstart")
+    nb.cells = _code_cells(nb)[:1]
     client = NotebookClient(nb, kernel_name="python3", timeout=60, resources={"metadata": {"path": str(EXPERIMENTS)}})
     client.execute()
     assert "skipping the install" in "".join(o.get("text", "") for o in nb.cells[0].outputs)
@@ -140,7 +166,7 @@ def test_train_spatial_shapes(trained):
 
 def test_restore_and_evaluate(trained):
     _, workdir = trained
-    probe = "import json; print(json.dumps(dict(step=int(step), results=results)))"
+    probe = "import json; print(json.dumps(dict(step=int(run.step), results=results)))"
     nb = run_notebook("restore_and_evaluate", probe)
     out = json.loads(nb.metadata["probe"])
     # The restored checkpoint reproduces the evaluation the training run logged at the same step.

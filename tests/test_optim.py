@@ -29,10 +29,15 @@ class Toy(nnx.Module):
         return self.head(jax.nn.relu(self.adapter(self.backbone.norm(self.backbone.proj(x)))))
 
 
+def _group(lr, weight_decay):
+    return dict(lr=lr, weight_decay=weight_decay, schedule="constant", warmup_frac=0.0, end_lr_frac=0.0)
+
+
 def _cfg(**groups):
     cfg = ml_collections.ConfigDict()
     cfg.rules = (("backbone/.*", "frozen"), ("adapter/.*", "adapter"), ("head/.*", "head"))
-    cfg.groups = groups or {"adapter": {"lr": 1e-2, "weight_decay": 0.1}, "head": {"lr": 3e-3, "weight_decay": 0.0}}
+    cfg.groups = groups or {"adapter": _group(1e-2, 0.1), "head": _group(3e-3, 0.0)}
+    cfg.b1, cfg.b2, cfg.eps = 0.9, 0.999, 1e-8
     cfg.grad_clip_norm = 0.0
     cfg.accum_steps = 1
     cfg.decay_vectors = True

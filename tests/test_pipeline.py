@@ -1,4 +1,5 @@
-"""grain pipeline: contract fields, determinism, exact resume (also through orbax), process shards, truncation."""
+"""grain pipeline: contract fields, determinism, exact resume (also through orbax), process shards, truncation,
+inputs taken from the model config."""
 
 import json
 import os
@@ -6,26 +7,24 @@ import subprocess
 import sys
 import textwrap
 
-import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import PIL.Image
 import pytest
 
+from fixtures import data_config
+from vlm_jax import tokenizer as tok
 from vlm_jax.data import pipeline, preprocess
-from vlm_jax.data import tokenizer as tok
 
 SIZES = dict(image_size=32, num_train=24, num_validation=10, num_test=4)
+# Not a real model's numbers: 16 px tiles with 3 tokens each, so sizes never agree by accident.
+INPUTS = pipeline.ModelInputs(tok.make_tokenizer("demo"), image_size=16, num_image_tokens=3)
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    c = pipeline.default_config()
-    c.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    c.builder_params = dict(SIZES)
-    c.image_size = 16
-    c.num_image_tokens = 3
-    return c
+    return data_config(data_dir=str(tmp_path_factory.mktemp("tfds")), builder_config="", builder_params=SIZES)
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +49,15 @@ def _train(config, seed=0, **kw):
     kw.setdefault("global_batch_size", 4)
     kw.setdefault("shard_index", 0)
     kw.setdefault("shard_count", 1)
-    return pipeline.make_iterator(config, split="train", train=True, seed=seed, **kw)
+    return pipeline.make_iterator(config, INPUTS, split="train", train=True, seed=seed, **kw)
 
 
 def test_batch_fields_follow_the_contract(config, records):
     it = _train(config)
-    builder = pipeline.make_prompt_builder(config)
+    builder = pipeline.make_prompt_builder(config, INPUTS)
     tokenizer = builder.tokenizer
-    lp = pipeline.prompt_length(config, train=True)
+    lp = pipeline.prompt_length(config, INPUTS, train=True)
+    assert lp == 3 + 24 + 16  # num_image_tokens + max_text_length + template allowance
     for batch in _take(it, 3):
         expected = {"image": ((4, 16, 16, 3), np.float32), "image_id": ((4,), np.int32),
                     "text_ids": ((4, 24), np.int32), "text_mask": ((4, 24), np.int32),
@@ -136,8 +136,8 @@ def test_process_shards_are_disjoint_and_cover_the_split(config):
     assert len(shards[0]) == len(shards[1]) == 3  # 12 images per process, 4 rows per process and batch
     assert not ids[0] & ids[1] and ids[0] | ids[1] == set(range(24))
     # Eval: every (image, caption) pair exactly once over the processes, equal batch counts, padding marked.
-    evals = [list(pipeline.make_iterator(config, split="validation", train=False, global_batch_size=6,
-                                         shard_index=i, shard_count=2)) for i in range(2)]
+    evals = [list(pipeline.make_iterator(config, INPUTS, split="validation", train=False, global_batch_size=6,
+                                         seed=0, shard_index=i, shard_count=2)) for i in range(2)]
     assert len(evals[0]) == len(evals[1])
     pairs = []
     for batches in evals:
@@ -152,7 +152,7 @@ def test_truncation_is_counted_and_never_cuts_the_image_block(config, records):
     config.max_text_length = 6
     config.max_prompt_length = 9
     it = _train(config)
-    tokenizer = pipeline.make_prompt_builder(config).tokenizer
+    tokenizer = INPUTS.tokenizer
     want_text = want_prompt = 0
     for batch in _take(it, 4):
         for i in range(4):
@@ -179,23 +179,14 @@ def test_eval_dynamic_tiles(config, records):
     config = config.copy_and_resolve_references()
     config.eval_dynamic_tiles = True
     config.max_tiles = 4
-    batch = next(pipeline.make_iterator(config, split="validation", train=False, global_batch_size=4,
-                                        shard_index=0, shard_count=1))
+    batch = next(pipeline.make_iterator(config, INPUTS, split="validation", train=False, global_batch_size=4,
+                                        seed=0, shard_index=0, shard_count=1))
     assert batch["image"].shape == (4, 5, 16, 16, 3) and batch["num_tiles"].dtype == np.int32
-    context = pipeline.make_prompt_builder(config).img_context_id
+    context = INPUTS.tokenizer.convert_tokens_to_ids(tok.IMG_CONTEXT)
     for i in range(4):
         n = int(batch["num_tiles"][i])
         assert (batch["prompt_ids"][i] == context).sum() == 3 * n
         assert not batch["image"][i, n:].any()
-
-
-def test_global_batch_is_sharded_over_data_and_fsdp(config):
-    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    local = next(_train(config, global_batch_size=8))
-    batch = pipeline.make_global_batch(local, mesh)
-    for k, v in batch.items():
-        assert v.shape == local[k].shape and v.sharding.spec[0] == ("data", "fsdp"), k
-        np.testing.assert_array_equal(np.asarray(v), local[k])
 
 
 def test_worker_processes_give_the_same_batches(config):
@@ -224,52 +215,46 @@ def test_skipped_bad_records_are_reported(tmp_path):
                        "sentences": [{"raw": f"image {i} caption {j}"} for j in range(5)]})
     (manual / "val2014" / images[1]["filename"]).write_bytes(b"not an image")
     (manual / "dataset_coco.json").write_text(json.dumps({"images": images}))
-    c = pipeline.default_config()
-    c.update(name="coco_captions", builder_config="", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
-             image_size=16, num_image_tokens=2, skip_bad_records=True)
-    it = pipeline.make_iterator(c, split="train", train=True, global_batch_size=1, shard_index=0, shard_count=1)
+    c = data_config(name="coco_captions", builder_config="", data_dir=str(tmp_path / "tfds"),
+                    manual_dir=str(manual), skip_bad_records=True)
+    kw = dict(split="train", train=True, global_batch_size=1, seed=0, shard_index=0, shard_count=1)
+    it = pipeline.make_iterator(c, INPUTS, **kw)
     assert {int(next(it)["image_id"][0]) for _ in range(3)} == {0}
     assert it.stats["skipped_bad_records"] == 1
     c.skip_bad_records = False
     c.data_dir = str(tmp_path / "tfds2")
     with pytest.raises(ValueError, match=r"cocoid=1 .*COCO_val2014_000000000001\.jpg"):
-        pipeline.make_iterator(c, split="train", train=True, global_batch_size=1, shard_index=0, shard_count=1)
+        pipeline.make_iterator(c, INPUTS, **kw)
 
 
-def test_unknown_config_fields_are_rejected():
-    c = pipeline.default_config()
-    c.max_txt_length = 3  # typo
-    with pytest.raises(ValueError, match="max_txt_length"):
-        pipeline.resolve_config(c)
-    partial = pipeline.resolve_config({"name": "refcoco"})  # unset fields take the defaults
-    assert partial.name == "refcoco" and partial.max_text_length == pipeline.default_config().max_text_length
+def test_builder_params_and_builder_config_do_not_mix(config):
+    with pytest.raises(ValueError, match="builder_params"):
+        pipeline.make_builder(data_config(builder_config="tiny", builder_params=dict(image_size=32)))
+    with pytest.raises(ValueError, match="builder_params"):
+        pipeline.make_builder(data_config(name="coco_captions", builder_config="", builder_params=dict(num_test=2)))
 
 
-def test_retrieval_iterators_give_unique_images_and_all_captions(config):
-    _, source = pipeline.load_source(config, "validation")
-    by_id = {int(r["image_id"]): r for r in (source[i] for i in range(len(source)))}
-    tokenizer = pipeline.make_prompt_builder(config).tokenizer
-    seen_images, seen_captions = [], []
-    for shard in range(2):
-        images, captions = pipeline.make_retrieval_iterators(config, split="validation", global_batch_size=4,
-                                                             shard_index=shard, shard_count=2)
-        for b in images:
-            assert set(b) == {"image", "image_id", "valid"}
-            for i in np.nonzero(b["valid"])[0]:
-                image_id = int(b["image_id"][i])
-                seen_images.append(image_id)
-                np.testing.assert_allclose(b["image"][i], preprocess.single_tile(by_id[image_id]["image"], 16),
-                                           atol=1e-6)
-        for b in captions:
-            assert "image" not in b and b["text_ids"].shape == (2, 24)
-            for i in np.nonzero(b["valid"])[0]:
-                text = tokenizer.decode(b["text_ids"][i][: b["text_mask"][i].sum() - 1])
-                record = by_id[int(b["image_id"][i])]
-                k = [c.decode() for c in record["captions"]].index(text)  # the map points at the right image
-                np.testing.assert_array_equal(b["box"][i], record["boxes"][k])
-                seen_captions.append((int(b["image_id"][i]), k))
-    assert sorted(seen_images) == sorted(by_id)
-    assert sorted(seen_captions) == sorted((i, k) for i in by_id for k in range(2))
+def test_a_missing_field_is_an_error_naming_it(config):
+    fields = config.to_dict()
+    del fields["max_text_length"]
+    with pytest.raises(AttributeError, match="max_text_length"):
+        _train(ml_collections.ConfigDict(fields))
+
+
+def test_model_inputs_come_from_the_model_config():
+    from vlm_jax.models.config import InternVLConfig
+
+    tokenizer = tok.make_tokenizer("demo")
+    context = tokenizer.convert_tokens_to_ids(tok.IMG_CONTEXT)
+    model = InternVLConfig.tiny(image_size=64, vocab_size=len(tokenizer), image_token_id=context)
+    inputs = pipeline.ModelInputs.from_model(model, tokenizer)
+    # 64 px tiles of 8 px patches: an 8 x 8 grid, pixel shuffle 0.5 -> 4 x 4 tokens.
+    assert (inputs.tokenizer, inputs.image_size, inputs.num_image_tokens) == (tokenizer, 64, 16)
+    with pytest.raises(ValueError, match="image_token_id"):
+        pipeline.ModelInputs.from_model(model.replace(image_token_id=context - 1), tokenizer)
+    with pytest.raises(ValueError, match="vocabulary"):
+        small = InternVLConfig.tiny(vocab_size=len(tokenizer) - 1, image_token_id=context)
+        pipeline.ModelInputs.from_model(small, tokenizer)
 
 
 def test_pipeline_runs_without_tensorflow(tmp_path):
@@ -283,15 +268,19 @@ def test_pipeline_runs_without_tensorflow(tmp_path):
         sys.meta_path.insert(0, Block())
         _find = importlib.util.find_spec
         importlib.util.find_spec = lambda n, p=None: None if n.split(".")[0] == "tensorflow" else _find(n, p)
+        from fixtures import data_config
+        from vlm_jax import tokenizer
         from vlm_jax.data import pipeline
-        c = pipeline.default_config()
-        c.data_dir = {str(tmp_path)!r}
-        c.builder_params = dict(image_size=32, num_train=8, num_validation=2, num_test=2)
-        it = pipeline.make_iterator(c, split="train", train=True, global_batch_size=4, shard_index=0, shard_count=1)
+        c = data_config(data_dir={str(tmp_path)!r}, builder_config="",
+                        builder_params=dict(image_size=32, num_train=8, num_validation=2, num_test=2))
+        inputs = pipeline.ModelInputs(tokenizer.make_tokenizer("demo"), image_size=32, num_image_tokens=4)
+        it = pipeline.make_iterator(c, inputs, split="train", train=True, global_batch_size=4, seed=0,
+                                    shard_index=0, shard_count=1)
         assert next(it)["image"].shape == (4, 32, 32, 3)
         assert not any(m.split(".")[0] == "tensorflow" for m in sys.modules)
         print("ok")
     """)
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -11,12 +12,13 @@ pytest.importorskip("torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import hf_fixtures  # noqa: E402
 import vlm_jax  # noqa: E402
 from vlm_jax import convert, pretrained  # noqa: E402
-from vlm_jax.checkpoints import hf, random_hf  # noqa: E402
+from vlm_jax.checkpoints import hf, mapping, random_hf  # noqa: E402
 from vlm_jax.models import InternVLConfig  # noqa: E402
 
 
@@ -38,7 +40,7 @@ def test_missing_unexpected_and_mismatched_tensors_listed_together(native, tmp_p
     save_file(tensors, str(tmp_path / "model.safetensors"))
     for fn in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (tmp_path / fn).write_bytes(open(os.path.join(native.path, fn), "rb").read())
-    with pytest.raises(hf.CheckpointMismatchError) as err:
+    with pytest.raises(mapping.CheckpointMismatchError) as err:
         vlm_jax.load_pretrained(str(tmp_path))
     msg = str(err.value)
     assert "model.language_model.layers.1.mlp.up_proj.weight (expected (64, 32))" in msg
@@ -82,16 +84,17 @@ def test_bad_inputs(loaded, native):
 def test_second_call_does_not_recompile(loaded, native):
     px, ids, mask = hf_fixtures.padded_batch(native, num_images=(1, 1), seed=3)
     first = loaded(pixel_values=px, input_ids=ids, attention_mask=mask).logits
-    traces = pretrained.trace_count()
+    cache_size = pretrained._forward.jitted_fn._cache_size  # one entry per traced (compiled) signature
+    before = cache_size()
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None)
     second = loaded(pixel_values=px + 1, input_ids=ids, attention_mask=mask).logits
-    assert pretrained.trace_count() == traces
+    assert cache_size() == before
     assert compiles == []
     assert not np.allclose(np.asarray(first), np.asarray(second))
     loaded(pixel_values=px, input_ids=ids[:, 1:], attention_mask=mask[:, 1:])  # new shape: one new trace
-    assert pretrained.trace_count() == traces + 1
+    assert cache_size() == before + 1
     assert compiles  # the listener does see compilations
 
 
@@ -175,5 +178,34 @@ def test_mismatch_names_use_the_files_legacy_spelling(tmp_path_factory):
     tensors = load_file(path)
     del tensors["language_model.model.norm.weight"]
     save_file(tensors, path)
-    with pytest.raises(hf.CheckpointMismatchError, match=r"language_model\.model\.norm\.weight \(expected \(32,\)\)"):
+    expected = r"language_model\.model\.norm\.weight \(expected \(32,\)\)"
+    with pytest.raises(mapping.CheckpointMismatchError, match=expected):
         vlm_jax.load_pretrained(ckpt.path)
+
+
+def _copy_checkpoint(src: str, dst) -> str:
+    for fn in os.listdir(src):
+        (dst / fn).write_bytes(open(os.path.join(src, fn), "rb").read())
+    return str(dst / "model.safetensors")
+
+
+def test_truncated_file_names_the_file_and_the_cut_tensors(native, tmp_path):
+    path = _copy_checkpoint(native.path, tmp_path)
+    with safe_open(path, framework="numpy") as f:
+        last = f.offset_keys()[-1]  # the tensor stored last: the one a truncation cuts
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 7)
+    with pytest.raises(ValueError) as err:
+        vlm_jax.load_pretrained(str(tmp_path))
+    assert path in str(err.value) and last in str(err.value)
+
+
+def test_corrupt_header_length_names_the_file(native, tmp_path):
+    path = _copy_checkpoint(native.path, tmp_path)
+    with open(path, "r+b") as f:
+        length = bytearray(f.read(8))  # little-endian u64 header length
+        length[0] ^= 0x5A
+        f.seek(0)
+        f.write(bytes(length))
+    with pytest.raises(ValueError, match=re.escape(path)):
+        vlm_jax.load_pretrained(str(tmp_path))

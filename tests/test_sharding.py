@@ -22,6 +22,15 @@ class Mlp(nnx.Module):
         return self.odd(self.down(jax.nn.gelu(self.up(x))))
 
 
+def init_sharded(create, mesh):
+    """``create()``'s state built directly into the shardings its logical axis names give (as the trainer does)."""
+    with nnx.use_eager_sharding(False):
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
+        shardings = sharding.state_shardings(abstract_state, mesh)
+        state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
+    return graphdef, state
+
+
 def test_mesh_shape_resolves_rest_and_rejects_bad_sizes():
     assert sharding.mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2, 1)
     assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 2}, 8) == (1, 4, 2)
@@ -43,7 +52,7 @@ def test_logical_rules_skip_reused_and_indivisible_axes():
 
 def test_init_sharded_places_params_and_matches_unsharded_numerics():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    graphdef, state = sharding.init_sharded(lambda: Mlp(nnx.Rngs(0)), mesh)
+    graphdef, state = init_sharded(lambda: Mlp(nnx.Rngs(0)), mesh)
     assert state["up"]["kernel"][...].sharding.spec == P("fsdp", "tensor")
     assert state["down"]["kernel"][...].sharding.spec == P("tensor", "fsdp")
     assert state["up"]["bias"][...].sharding.spec == P()
@@ -57,7 +66,7 @@ def test_init_sharded_places_params_and_matches_unsharded_numerics():
 
 def test_optimizer_state_follows_parameter_shardings():
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
-    graphdef, state = sharding.init_sharded(lambda: Mlp(nnx.Rngs(0)), mesh)
+    graphdef, state = init_sharded(lambda: Mlp(nnx.Rngs(0)), mesh)
     params = nnx.state(nnx.merge(graphdef, state), nnx.Param)
     cfg = ml_collections.ConfigDict({"rules": ((".*", "all"),), "groups": {"all": {"lr": 1e-3}}, "accum_steps": 2})
     tx = optim.make_optimizer(cfg, 10).tx

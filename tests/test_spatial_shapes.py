@@ -110,6 +110,21 @@ def test_label_balance_and_nesting():
     assert (freq > 0.10).all() and (freq < 0.25).all(), dict(zip(rel.RELATIONS, freq.round(3)))
 
 
+def test_every_caption_word_is_one_demo_token(built):
+    from vlm_jax import tokenizer
+
+    tok = tokenizer.make_tokenizer("demo")
+    # Every word the caption form "the {colour shape} {verb} the {colour shape}" can use, and the captions drawn.
+    words = {"the", *ss.COLOURS, *ss.SHAPES, *" ".join(ss.CAPTION_VERBS).split()}
+    assert words <= set(tokenizer.DEMO_WORDS)
+    for r in _records(built):
+        for caption in r["captions"]:
+            text = _text(caption)
+            assert len(tok(text)["input_ids"]) == len(text.split()), text
+    for word in words:
+        assert len(tok(" " + word)["input_ids"]) == 1, word
+
+
 def test_deterministic_from_seed(tmp_path, built):
     again = _records(_build(tmp_path / "a", **TINY), "validation")
     first = _records(built, "validation")

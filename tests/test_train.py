@@ -13,7 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import config_files, sharding, train
+from vlm_jax import config_files, runs, sharding, train
+from vlm_jax.checkpoints import run as run_checkpoints
+from vlm_jax.models import build
+from vlm_jax.trainer import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -114,15 +117,15 @@ def _tiny(batch_size=8):
 
 
 def _losses(cfg, mesh, steps=3):
-    trainer = train.make_trainer(cfg, mesh)
+    mc = build.resolve_backbone(cfg.model).config
+    trainer = make_trainer(cfg, mesh, 100, mc)
     model_state = trainer.init_model_state()
     state = trainer.assemble(model_state, trainer.init_train_items(model_state))
-    mc = train.backbone_config(cfg)
     out = []
     for i in range(steps):
         batch = sharding.global_batch(benchmark_train_step.synthetic_batch(cfg, mc, cfg.batch_size, seed=i), mesh)
         state, metrics = trainer.train_step(state, batch, jax.random.key(1))
-        out.append(float(metrics["loss"]))
+        out.append(float(metrics["total"]))
     return np.asarray(out), state
 
 
@@ -157,8 +160,8 @@ def test_unmatched_parameters_fail_fast_listing_them():
     cfg = _tiny()
     cfg.optim.rules = (("backbone/.*", "frozen"), ("(vision|text)_adapter/.*", "all"))
     with pytest.raises(ValueError) as e:
-        train.make_trainer(cfg, sharding.make_mesh({"data": -1}))
-    for name in ("itm_head/kernel", "box_head/bias", "logit_scale", "vision_proj/linear/kernel"):
+        make_trainer(cfg, sharding.make_mesh({"data": -1}), 10)
+    for name in ("tasks/itm/head/kernel", "tasks/box/head/bias", "logit_scale", "vision_proj/linear/kernel"):
         assert name in str(e.value)
 
 
@@ -167,8 +170,9 @@ def test_frozen_backbone_step_costs_one_forward_and_holds_no_frozen_state():
     width = dict(hidden_size=64, intermediate_size=128)
     cfg.model.tiny = dict(image_size=64, vision=width, text=width)
     # Heads small next to the backbone (as at InternVL3-1B scale, where they are < 1 % of its size).
-    cfg.model.heads.adapter_dim = cfg.model.heads.embed_dim = cfg.model.heads.head_hidden_dim = 16
-    cfg.model.heads.box_head = "linear"
+    cfg.model.embedding.adapter_dim = cfg.model.embedding.embed_dim = 16
+    cfg.tasks.itm.hidden_dim = cfg.tasks.spatial.hidden_dim = 16
+    cfg.tasks.box.head = "linear"
     cfg.optim.accum_steps = 2  # optax.MultiSteps; the step also logs per-group gradient norms
     cfg.batch_size = 8
     cfg.mesh = {"data": 1}
@@ -199,22 +203,20 @@ class _NaNImages(grain.DatasetIterator):
 
 def run_nonfinite(workdir: str, data_dir: str) -> dict:
     """Trains on NaN images until the failure policy stops the run; returns what the test checks."""
-    from vlm_jax import checkpointing
-
     cfg = _tiny()
     cfg.data.data_dir = data_dir
     cfg.num_train_steps, cfg.log_every, cfg.max_consecutive_nonfinite = 10, 3, 3
     cfg.eval_splits = ()
-    real = train.make_data
-    train.make_data = lambda c, s, train: _NaNImages(real(c, s, train=train))
+    real = runs.make_data
+    runs.make_data = lambda c, inputs, s, train: _NaNImages(real(c, inputs, s, train=train))
     try:
         train.train_and_evaluate(cfg, workdir)
         error = ""
     except train.NonFiniteError as e:
         error = str(e)
-    trainer = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh))
-    manager = checkpointing.make_manager(workdir, cfg.checkpoint)
-    model, items, _ = checkpointing.restore(manager, 3, trainer.abstract_model, trainer.abstract_train_items())
+    trainer = make_trainer(cfg, sharding.make_mesh(cfg.mesh), 10)
+    manager = run_checkpoints.make_manager(workdir, cfg.checkpoint)
+    model, items, _ = run_checkpoints.restore(manager, 3, trainer.abstract_model, trainer.abstract_train_items())
     init = trainer.init_model_state()
     unchanged = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(init)))
     return dict(error=error, unchanged=unchanged, skipped=int(items["skipped"]), step=int(items["step"]),
@@ -236,7 +238,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_pa
 def test_init_from_converted_backbone_then_from_a_stage1_run(tmp_path):
     from hf_fixtures import make_tiny_hf_checkpoint
 
-    from vlm_jax import checkpointing, convert
+    from vlm_jax import convert
     from vlm_jax.checkpoints import converted
     from flax import nnx
 
@@ -244,21 +246,21 @@ def test_init_from_converted_backbone_then_from_a_stage1_run(tmp_path):
     out = str(tmp_path / "converted")
     convert.convert(ckpt.path, out, show_progress=False)
     cfg = load_config("tiny_synthetic_stage2")
-    cfg.model.backbone, cfg.init_from = "converted", out
-    cfg.data.image_size, cfg.data.num_image_tokens = ckpt.image_size, ckpt.num_image_tokens
+    cfg.model.backbone, cfg.model.converted_dir, cfg.model.tokenizer = "converted", out, ""
+    cfg.init_from = ""
     mesh = sharding.make_mesh({"data": -1})
 
     def start(workdir, config):
-        trainer = train.make_trainer(config, mesh, num_train_steps=10)
-        manager = checkpointing.make_manager(str(workdir), config.checkpoint)
-        model, items, step, source = checkpointing.restore_or_init(
+        trainer = make_trainer(config, mesh, 10)
+        manager = run_checkpoints.make_manager(str(workdir), config.checkpoint)
+        model, items, step, source = run_checkpoints.restore_or_init(
             manager, init_from=config.init_from, abstract_model=trainer.abstract_model,
             abstract_train=trainer.abstract_train_items(), init_model=trainer.init_model_state,
             init_train=trainer.init_train_items, init_from_keys=tuple(config.init_from_keys))
         return trainer, manager, trainer.assemble(model, items), source
 
     trainer, manager, state, source = start(tmp_path / "stage1", cfg)
-    assert source == f"init_from:{out}"
+    assert source == "scratch"  # a 'converted' backbone's weights are the model's own init
     reference, _ = converted.load(out)
     ref = nnx.state(reference, nnx.Param)
     got = nnx.split_state(state.frozen["backbone"], nnx.Param, ...)[0]
@@ -268,16 +270,18 @@ def test_init_from_converted_backbone_then_from_a_stage1_run(tmp_path):
     assert set(state.params.keys()) and "backbone" not in state.params  # the backbone is frozen
 
     # One step, a checkpoint; then a stage-2 start takes backbone + vision adapter from that run.
-    batch = sharding.global_batch(benchmark_train_step.synthetic_batch(cfg, train.backbone_config(cfg), 8), mesh)
+    batch = sharding.global_batch(benchmark_train_step.synthetic_batch(cfg, trainer.backbone_config, 8), mesh)
     state, _ = trainer.train_step(state, batch, jax.random.key(0))
-    checkpointing.save(manager, 1, state.model_state(), state.train_items(), force=True)
+    run_checkpoints.save(manager, 1, state.model_state(), state.train_items(), force=True)
     manager.wait_until_finished()
     stage2 = cfg.copy_and_resolve_references()
-    stage2.model.converted_dir, stage2.init_from = out, str(tmp_path / "stage1")
+    stage2.init_from = str(tmp_path / "stage1")
     stage2.init_from_keys = ("backbone", "vision_adapter")
     stage2.seed = 7  # different random heads, so equality below can only come from the restore
-    _, _, state2, _ = start(tmp_path / "stage2", stage2)
+    _, _, state2, source2 = start(tmp_path / "stage2", stage2)
+    assert source2 == f"init_from:{tmp_path / 'stage1'}"
     for key in ("vision_adapter",):
         for a, b in zip(jax.tree.leaves(state2.params[key]), jax.tree.leaves(state.params[key])):
             np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(state2.params["itm_head"]["kernel"][...], state.params["itm_head"]["kernel"][...])
+    itm_kernel = lambda s: s.params["tasks"]["itm"]["head"]["kernel"][...]  # noqa: E731
+    assert not np.array_equal(itm_kernel(state2), itm_kernel(state))

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_pretrained": ("vlm_jax.pretrained", "load_pretrained"),
-    "load_tokenizer": ("vlm_jax.data.tokenizer", "load_tokenizer"),
+    "load_tokenizer": ("vlm_jax.tokenizer", "load_tokenizer"),
     "dynamic_tiles": ("vlm_jax.data.preprocess", "dynamic_tiles"),
     "encode_images": ("vlm_jax.inference", "encode_images"),
     "encode_texts": ("vlm_jax.inference", "encode_texts"),

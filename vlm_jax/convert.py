@@ -13,16 +13,15 @@ import time
 
 from tqdm import tqdm
 
-from vlm_jax.checkpoints import converted, hf
+from vlm_jax.checkpoints import converted, hf, mapping
 
 
 def convert(checkpoint: str, output: str, *, dtype: str = "float32", image_token_id: int | None = None,
             show_progress: bool = True) -> dict:
     """Load + check `checkpoint`, write `output`. Returns timings in seconds."""
     t0 = time.perf_counter()
-    raw, cfg, layout = hf.read_config(checkpoint)
-    total = len(hf.mapping_rules(cfg, layout))
-    with tqdm(total=total, desc="converting", unit="tensor", disable=not show_progress) as bar:
+    _, cfg, layout = hf.read_config(checkpoint)
+    with tqdm(total=len(mapping.rows(cfg)), desc="converting", unit="tensor", disable=not show_progress) as bar:
         module, cfg = hf.load_hf(checkpoint, image_token_id=image_token_id, dtype=dtype,
                                  progress=lambda _: bar.update(1))
     t1 = time.perf_counter()

@@ -1,9 +1,8 @@
-"""Evaluation over a dataset split: retrieval R@K both directions, box quality, spatial accuracy / F1.
+"""Evaluation over a dataset split: run the eval step over every batch, gather the per-example outputs on the host,
+and let each task compute its metrics from them.
 
-The evaluator takes a predict function (the jitted eval step) and an iterable of host batches, gathers the per-
-example outputs on the host and hands them to the pure metric functions of ``vlm_jax.metrics``. Captions of the same
-image share an ``image_id``: images are deduplicated by id and every caption counts as a positive of its image
-(the multi-caption COCO protocol).
+Metric names are the tasks' own (`t2i_r1`, `box_iou`, `spatial_acc`, ...) plus ``loss/<term>``: the loss terms
+averaged over the split's batches.
 """
 
 from __future__ import annotations
@@ -13,12 +12,6 @@ from collections.abc import Callable, Iterable, Mapping
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-
-from vlm_jax import metrics
-
-# What the eval step returns per example, and the batch fields the metrics read.
-OUTPUT_KEYS = ("image_emb", "text_emb", "box_pred", "spatial_logits")
-BATCH_KEYS = ("image_id", "box", "has_box", "relation", "has_relation")
 
 
 def _to_host(x) -> np.ndarray:
@@ -41,9 +34,10 @@ def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarra
     return out
 
 
-def collect(predict: Callable[[dict], Mapping[str, jax.Array]], batches: Iterable[Mapping[str, np.ndarray]],
-            batch_size: int, to_device: Callable[[dict], dict]) -> dict[str, np.ndarray]:
-    """Runs ``predict`` over every batch; returns the concatenated host outputs + batch fields of valid rows.
+def collect(predict: Callable[[dict], Mapping], batches: Iterable[Mapping[str, np.ndarray]], batch_size: int,
+            to_device: Callable[[dict], dict]) -> dict:
+    """Runs ``predict`` (the eval step) over every batch; returns the valid rows of the concatenated host outputs
+    and batch fields, and ``loss_terms``: the loss terms averaged over batches.
 
     ``batch_size`` is this process's rows per batch; ``to_device`` makes global arrays from a host batch.
     """
@@ -51,13 +45,10 @@ def collect(predict: Callable[[dict], Mapping[str, jax.Array]], batches: Iterabl
     sums: dict[str, float] = {}
     num_batches = 0
     for batch in batches:
-        batch = pad_batch(batch, batch_size)
-        out = predict(to_device(batch))
-        host = {k: _to_host(out[k]) for k in OUTPUT_KEYS}
-        host.update({k: _to_host(out["batch"][k]) for k in (*BATCH_KEYS, "valid")})
-        for k, v in host.items():
-            parts.setdefault(k, []).append(v)
-        for k, v in out.get("terms", {}).items():
+        out = predict(to_device(pad_batch(batch, batch_size)))
+        for k, v in {**out["outputs"], **out["batch"]}.items():
+            parts.setdefault(k, []).append(_to_host(v))
+        for k, v in out["terms"].items():
             sums[k] = sums.get(k, 0.0) + float(_to_host(v))
         num_batches += 1
     if not num_batches:
@@ -69,32 +60,10 @@ def collect(predict: Callable[[dict], Mapping[str, jax.Array]], batches: Iterabl
     return cat
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-
-
-def compute_metrics(c: Mapping[str, np.ndarray], ks=(1, 5, 10)) -> dict[str, float]:
-    """Metrics from collected outputs; chance levels are reported alongside (``chance/...``)."""
-    ids = c["image_id"]
-    _, first, text_to_image = np.unique(ids, return_index=True, return_inverse=True)
-    sim = _normalise(c["image_emb"][first]) @ _normalise(c["text_emb"]).T  # [I, T]
-    out = {k.replace("@", "_r"): v for k, v in metrics.retrieval_recall(sim, text_to_image, ks).items()}
-    num_images, num_texts = sim.shape
-    out["chance/i2t_r1"] = float(np.mean(np.bincount(text_to_image) / num_texts))
-    out["chance/t2i_r1"] = 1.0 / num_images
-    box = metrics.box_metrics(c["box_pred"], c["box"], c["has_box"])
-    out.update({f"box_{k}": float(v) for k, v in box.items() if k != "count"})
-    spatial = metrics.spatial_metrics(c["spatial_logits"], c["relation"], c["has_relation"],
-                                      num_classes=c["spatial_logits"].shape[-1])
-    out["spatial_acc"] = spatial["accuracy"]
-    out["spatial_f1"] = spatial["macro_f1"]
-    counts = np.bincount(c["relation"][c["has_relation"].astype(bool)], minlength=c["spatial_logits"].shape[-1])
-    out["chance/spatial_acc"] = float(counts.max() / max(counts.sum(), 1))
-    out["num_images"], out["num_texts"] = float(num_images), float(num_texts)
-    out.update({f"loss/{k}": float(v) for k, v in c.get("loss_terms", {}).items()})
+def compute_metrics(tasks: Iterable, collected: Mapping) -> dict[str, float]:
+    """Every task's metrics over the collected outputs, plus ``loss/<term>``."""
+    out: dict[str, float] = {}
+    for task in tasks:
+        out.update(task.metrics(collected))
+    out.update({f"loss/{k}": float(v) for k, v in collected["loss_terms"].items()})
     return out
-
-
-def evaluate(predict, batches, batch_size: int, to_device) -> dict[str, float]:
-    return compute_metrics(collect(predict, batches, batch_size, to_device))

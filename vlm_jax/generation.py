@@ -9,7 +9,7 @@ values: changing temperature, top-k or top-p does not recompile.
 Positions follow transformers' `generate`: cumsum(attention_mask) - 1, so left padding does not shift them.
 
     model = vlm_jax.load_pretrained(path)          # or an InternVL module
-    tokenizer = vlm_jax.data.tokenizer.load_tokenizer(path)
+    tokenizer = vlm_jax.tokenizer.load_tokenizer(path)
     result = generate(model, tokenizer, images=["cat.jpg"], prompt="What is this?", max_new_tokens=32)
     result.text, result.token_ids
 """
@@ -27,15 +27,10 @@ from flax import nnx
 
 from vlm_jax.data import preprocess
 from vlm_jax.data.prompt import PromptBuilder
+from vlm_jax.inference import bucket_pow2, module_of
 
-# Number of times each jitted program was traced (compiled); tests use it to check bucket reuse.
-TRACE_COUNTS = {"prefill": 0, "decode": 0}
-
-def _module(model):
-    """The InternVL nnx module: `model` itself or the one inside `load_pretrained`'s wrapper."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nnx.Module) else model
-
+# Prompts are left-padded to at least this many tokens (then to the next power of two).
+MIN_PROMPT_BUCKET = 16
 
 
 @dataclasses.dataclass
@@ -52,11 +47,6 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
-
-
-def bucket_length(n: int, minimum: int = 16) -> int:
-    """The next power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
 # ---- sampling ---------------------------------------------------------------------------------------------------
@@ -90,7 +80,6 @@ def _next_token(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) ->
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def _prefill(graphdef, state, pixel_values, input_ids, attention_mask, *, cache_len: int):
     """-> (last-position logits float[B, V], cache, next position int32[B])."""
-    TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, state)
     lm = model.language_model
     if pixel_values is None:
@@ -108,9 +97,6 @@ def _prefill(graphdef, state, pixel_values, input_ids, attention_mask, *, cache_
 def _decode(graphdef, state, cache, first_logits, next_pos, key, temperature, top_k, top_p, eos_id, pad_id,
             *, max_new_tokens: int):
     """The whole decode loop: -> (tokens int32[B, max_new_tokens] (pad after EOS), number of steps run)."""
-    TRACE_COUNTS["decode"] += 1
-    model = nnx.merge(graphdef, state)
-    lm = model.language_model
     b = first_logits.shape[0]
 
     def cond(carry):
@@ -123,8 +109,10 @@ def _decode(graphdef, state, cache, first_logits, next_pos, key, temperature, to
         token = jnp.where(done, pad_id, token)
         out = out.at[:, step].set(token)
         done = done | (token == eos_id)
-        hidden, cache = lm(input_ids=token[:, None], attention_mask=jnp.ones((b, 1), jnp.int32),
-                           positions=pos[:, None], cache=cache)
+        # Fresh Variables at this loop's trace level: NNX transforms (the layer scan) refuse outer-level ones.
+        model = nnx.merge(graphdef, state, copy=True)
+        hidden, cache = model.language_model(input_ids=token[:, None], attention_mask=jnp.ones((b, 1), jnp.int32),
+                                             positions=pos[:, None], cache=cache)
         logits = model.logits(hidden)[:, 0].astype(jnp.float32)
         return step + 1, cache, logits, pos + 1, done, out
 
@@ -145,7 +133,7 @@ def generate_ids(model, input_ids: np.ndarray, attention_mask: np.ndarray, pixel
     pixel_values float[N, S, S, 3] for the `<IMG_CONTEXT>` runs in row-major order (None for text only).
     Returns int32[B, max_new_tokens]: generated ids, EOS included, pad_token_id after it.
     """
-    model = _module(model)
+    model = module_of(model)
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.asarray(attention_mask, np.int32)
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
@@ -162,7 +150,7 @@ def generate_ids(model, input_ids: np.ndarray, attention_mask: np.ndarray, pixel
         raise ValueError(f"prompt holds {n_ctx} <IMG_CONTEXT> tokens but the images give {n_img} embeddings")
     # Left-pad to a bucket so nearby prompt lengths share one compiled prefill / decode.
     b, t = input_ids.shape
-    length = bucket_length(t)
+    length = bucket_pow2(t, minimum=MIN_PROMPT_BUCKET)
     ids = np.full((b, length), pad_token_id, np.int32)
     mask = np.zeros((b, length), np.int32)
     ids[:, length - t:], mask[:, length - t:] = input_ids, attention_mask
@@ -185,7 +173,7 @@ def generate(model, tokenizer, images=None, prompt: str = "", max_new_tokens: in
     size; the prompt goes through the chat template with one `<image>` block per image (placed first unless the
     prompt has `<image>` tags). Stops at `<|im_end|>` or after `max_new_tokens`.
     """
-    model = _module(model)
+    model = module_of(model)
     if images is None:
         images = []
     elif not isinstance(images, (list, tuple)):

@@ -1,8 +1,8 @@
 """Embeddings and image-text scores from a loaded InternVL, for notebooks and evaluation.
 
-Plain functions of the model (an `InternVL` module or what `load_pretrained` returns; no session object): the jitted programs take the model's graph definition as a
-static argument, so calls on the same model reuse compiled code, and a model whose weights changed (training) is
-seen fresh on every call.
+Plain functions of the model (an `InternVL` module or what `load_pretrained` returns; no session object): the
+jitted programs take the model's graph definition as a static argument, so calls on the same model reuse compiled
+code, and a model whose weights changed (training) is seen fresh on every call.
 
     img = encode_images(model, ["a.jpg", "b.png"], tokenizer=tok)   # float32[N, D], unit norm
     txt = encode_texts(model, ["a cat", "a dog"], tokenizer=tok)     # float32[M, D], unit norm
@@ -17,8 +17,8 @@ Pooling:
 
 Each image is one tile at the model's image size (static shapes) unless `max_tiles` asks for InternVL's dynamic
 tiling (LM poolings; the tile count is bucketed too). Batches are padded to a power-of-two batch size
-(at most `batch_size`) and texts to a power-of-two length, so every call inside a bucket reuses its compiled
-program; a progress bar appears when there are many batches.
+(at most `batch_size`) and texts to a power-of-two length (`bucket_pow2`), so every call inside a bucket reuses
+its compiled program; a progress bar appears when there are many batches.
 """
 
 from __future__ import annotations
@@ -34,56 +34,41 @@ from tqdm.auto import tqdm
 
 from vlm_jax.data import preprocess
 from vlm_jax.data.prompt import PromptBuilder
+from vlm_jax.models import pooling as pool
 
 IMAGE_POOLINGS = ("cls", "mean", "lm_last", "lm_mean")
 TEXT_POOLINGS = ("last", "mean")
 
-# Number of traces (compilations) of each jitted program; tests use it to check bucket reuse.
-TRACE_COUNTS = {"vision": 0, "lm": 0}
 
-def _module(model):
+def bucket_pow2(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum) (for a power-of-two `minimum`): a padded size that only
+    changes, and so recompiles, when n doubles."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def module_of(model) -> nnx.Module:
     """The InternVL nnx module: `model` itself or the one inside `load_pretrained`'s wrapper."""
     inner = getattr(model, "module", None)
     return inner if isinstance(inner, nnx.Module) else model
 
 
-
-def _next_pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
 def _vision_embed(graphdef, state, pixel_values, *, pooling: str):
     """float[B, S, S, 3] -> float32[B, Dv], unit norm."""
-    TRACE_COUNTS["vision"] += 1
     hidden = nnx.merge(graphdef, state).vision_hidden_states(pixel_values)  # [B, 1 + P, Dv]
-    pooled = hidden[:, 0] if pooling == "cls" else hidden[:, 1:].astype(jnp.float32).mean(axis=1)
-    return _l2_normalize(pooled)
+    return pool.l2_normalize(pool.pool_vision(hidden, pooling))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "pooling"))
 def _lm_embed(graphdef, state, pixel_values, input_ids, attention_mask, *, pooling: str):
     """Right-padded int[B, T] (+ images float[B, S, S, 3] or None) -> float32[B, D], unit norm."""
-    TRACE_COUNTS["lm"] += 1
     model = nnx.merge(graphdef, state)
     if pixel_values is None:
         embeds = model.language_model.embed(input_ids)
     else:
         embeds = model.merge_image_embeddings(input_ids, model.image_embeddings(pixel_values))
     hidden, _ = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask)  # [B, T, D]
-    hidden = hidden.astype(jnp.float32)
-    if pooling == "last":
-        last = jnp.sum(attention_mask, axis=-1) - 1  # right padding: the last real token
-        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    else:
-        m = attention_mask[..., None].astype(jnp.float32)
-        pooled = jnp.sum(hidden * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-    return _l2_normalize(pooled)
+    return pool.l2_normalize(pool.pool_text(hidden, attention_mask, pooling))
 
 
 def _batches(n: int, batch_size: int, progress: bool | None, desc: str):
@@ -94,7 +79,7 @@ def _batches(n: int, batch_size: int, progress: bool | None, desc: str):
 
 def _rows(n: int, batch_size: int) -> int:
     """Rows per compiled batch: a power of two for small inputs, else batch_size (the last batch is padded)."""
-    return min(batch_size, _next_pow2(n))
+    return min(batch_size, bucket_pow2(n))
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -120,14 +105,14 @@ def _run_lm(model, seqs: list[list[int]], pixel_values: np.ndarray | None, tiles
     out = []
     for start in _batches(len(seqs), batch_size, progress, desc):
         chunk = seqs[start:start + batch_size]
-        length = _next_pow2(max(len(s) for s in chunk), minimum=8)
+        length = bucket_pow2(max(len(s) for s in chunk), minimum=8)
         ids, mask = builder.batch(chunk, length=length, padding_side="right")
         px = None
         if pixel_values is not None:
             # Padding rows repeat sequence 0 and come last, so their image tokens only read rows past the real
             # tiles (or clipped ones): real rows are unaffected and padded rows' outputs are dropped.
             px = pixel_values[offsets[start]:offsets[start + len(chunk)]]
-            px = jnp.asarray(_pad_rows(px, max(rows, _next_pow2(len(px)))), model.dtype)
+            px = jnp.asarray(_pad_rows(px, max(rows, bucket_pow2(len(px)))), model.dtype)
         emb = _lm_embed(graphdef, state, px, jnp.asarray(_pad_rows(ids, rows)), jnp.asarray(_pad_rows(mask, rows)),
                         pooling=pooling)
         out.append(np.asarray(emb)[: len(chunk)])
@@ -150,7 +135,7 @@ def encode_images(model, images: Sequence, *, tokenizer=None, pooling: str = "lm
     max_tiles: LM poolings only; None = one tile per image, else InternVL dynamic tiling (up to max_tiles tiles +
     thumbnail per image, all in the image's `<image>` block).
     """
-    model = _module(model)
+    model = module_of(model)
     if pooling not in IMAGE_POOLINGS:
         raise ValueError(f"image pooling must be one of {IMAGE_POOLINGS}, got {pooling!r}")
     if max_tiles is not None and not pooling.startswith("lm_"):
@@ -191,7 +176,7 @@ def encode_texts(model, texts: Sequence[str], *, tokenizer, pooling: str = "last
 
     Texts longer than max_length tokens are truncated (keeping EOS).
     """
-    model = _module(model)
+    model = module_of(model)
     if pooling not in TEXT_POOLINGS:
         raise ValueError(f"text pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
     if isinstance(texts, str):

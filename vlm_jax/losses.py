@@ -1,7 +1,7 @@
-"""Losses of the multitask model: contrastive (ITC), matching (ITM), box (L1 + GIoU), spatial relation.
+"""Losses of the tasks: contrastive (ITC), matching (ITM), box (L1 + GIoU), spatial relation.
 
-Every loss is a pure function of arrays that returns a dict of named scalar terms ("loss" is the one to optimise).
-`total_loss(outputs, batch, weights)` combines them with weights from the config.
+Every loss is a pure function of arrays that returns a dict of named scalar terms ("loss" is the one to optimise);
+the tasks (`vlm_jax.tasks`) call them and the multitask model sums them with the weights of `config.tasks`.
 
 Shapes: B batch, E embedding width, C classes.
 
@@ -20,40 +20,18 @@ Bad input policy:
   * Boxes with x2 < x1 follow `box_ops`' clamp policy (an inverted side counts as empty).
 """
 
-from collections.abc import Mapping
-
 import jax
 import jax.numpy as jnp
-import ml_collections
+import optax
 
 from vlm_jax import box_ops
+from vlm_jax.models.pooling import l2_normalize
 
 # Logit used to remove an entry from a softmax; finite so that no inf - inf can appear.
 _NEG = -1e9
 
 
-def default_loss_config() -> ml_collections.ConfigDict:
-    """Loss weights. The defaults reproduce the seed recipe: ITC + ITM + 0.1 L1(box) + 0.1 CE(spatial).
-
-    `box` multiplies the whole box term `box_l1 * L1 + box_giou * (1 - GIoU)`; the seed recipe has no GIoU term
-    (box_giou = 0; GIoU is still computed and logged). `matryoshka` > 0 adds the mean contrastive loss over the nested
-    widths `matryoshka_dims` (each must be <= the embedding width).
-    """
-    return ml_collections.ConfigDict(dict(
-        itc=1.0, itm=1.0, box=0.1, spatial=0.1,
-        box_l1=1.0, box_giou=0.0,
-        matryoshka=0.0, matryoshka_dims=(32, 64, 128, 256),
-    ))
-
-
-def l2_normalize(x, axis=-1, eps=1e-6):
-    """x / max(||x||, eps) along `axis`, in float32; a zero vector stays zero with a finite gradient."""
-    x = x.astype(jnp.float32)
-    sq = jnp.sum(x * x, axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
-
-
-def _same_image(image_ids, batch):
+def same_image(image_ids, batch):
     """bool[B, B]: pair (i, j) shows the same image. Without ids only the diagonal does."""
     if image_ids is None:
         return jnp.eye(batch, dtype=bool)
@@ -85,7 +63,7 @@ def contrastive_loss(image_emb, text_emb, logit_scale, image_ids=None, valid=Non
     valid = jnp.ones(batch, bool) if valid is None else valid.astype(bool)
     logits = contrastive_logits(image_emb, text_emb, logit_scale)  # [B, B]
     off_diag = ~jnp.eye(batch, dtype=bool)
-    remove = (_same_image(image_ids, batch) | ~valid[:, None] | ~valid[None, :]) & off_diag
+    remove = (same_image(image_ids, batch) | ~valid[:, None] | ~valid[None, :]) & off_diag
     logits = jnp.where(remove, _NEG, logits)
     diag = jnp.diagonal(logits)
     i2t = _masked_mean(jax.nn.logsumexp(logits, axis=1) - diag, valid)
@@ -108,48 +86,6 @@ def matryoshka_contrastive_loss(image_emb, text_emb, logit_scale, dims, image_id
     return terms
 
 
-def sample_hard_negatives(sim, image_ids=None, rng=None, valid=None):
-    """In-batch hard negatives for ITM, ALBEF/BLIP style.
-
-    For each image i, one negative text j with probability softmax_j(sim[i, j]) over texts of *other* images; for
-    each text j, one negative image likewise from softmax_i(sim[i, j]). Pairs showing the same image (the positive
-    and other captions of that image) are never drawn. With `rng=None` the hardest negative (argmax) is taken:
-    deterministic, for evaluation.
-
-    Args:
-      sim: float[B, B] image-text similarities (gradients are stopped here).
-      image_ids: optional int[B]; None = every row is a different image.
-      rng: PRNG key or None.
-      valid: optional bool[B]; padding rows (False) are never drawn and get no negative.
-    Returns:
-      dict of int32[B] "neg_text" (for image i), "neg_image" (for text j) and bool[B] "neg_text_valid",
-      "neg_image_valid" (False when no other valid pair shows another image, or the row itself is padding; the
-      index is then the row itself).
-    """
-    batch = sim.shape[0]
-    sim = jax.lax.stop_gradient(sim).astype(jnp.float32)
-    valid = jnp.ones(batch, bool) if valid is None else valid.astype(bool)
-    allowed = ~_same_image(image_ids, batch) & valid[:, None] & valid[None, :]  # [B, B]
-    logits_i2t = jnp.where(allowed, sim, -jnp.inf)
-    logits_t2i = jnp.where(allowed, sim, -jnp.inf).T  # row = text
-    if rng is None:
-        neg_text = jnp.argmax(logits_i2t, axis=1)
-        neg_image = jnp.argmax(logits_t2i, axis=1)
-    else:
-        rng_t, rng_i = jax.random.split(rng)
-        neg_text = jax.random.categorical(rng_t, logits_i2t, axis=1)
-        neg_image = jax.random.categorical(rng_i, logits_t2i, axis=1)
-    valid_t = jnp.any(allowed, axis=1)
-    valid_i = jnp.any(allowed, axis=0)
-    own = jnp.arange(batch)
-    return {
-        "neg_text": jnp.where(valid_t, neg_text, own).astype(jnp.int32),
-        "neg_image": jnp.where(valid_i, neg_image, own).astype(jnp.int32),
-        "neg_text_valid": valid_t,
-        "neg_image_valid": valid_i,
-    }
-
-
 def _masked_mean(values, mask):
     """Mean of values[mask] (0 when nothing is valid); masked entries may be non-finite."""
     mask = mask.astype(bool)
@@ -159,9 +95,7 @@ def _masked_mean(values, mask):
 
 def _cross_entropy(logits, labels):
     """float[N, C] x int[N] -> float32[N]."""
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels.astype(jnp.int32))
 
 
 def itm_loss(logits, labels, valid=None):
@@ -220,60 +154,3 @@ def spatial_loss(logits, labels, has_relation):
     ce = _cross_entropy(safe_logits, safe_labels)
     correct = (jnp.argmax(safe_logits, axis=-1) == safe_labels).astype(jnp.float32)
     return {"loss": _masked_mean(ce, valid), "acc": _masked_mean(correct, valid)}
-
-
-def _resolve_weights(weights):
-    merged = default_loss_config().to_dict()
-    if weights is not None:
-        given = weights.to_dict() if isinstance(weights, ml_collections.ConfigDict) else dict(weights)
-        unknown = sorted(set(given) - set(merged))
-        if unknown:
-            raise ValueError(f"loss weights: unknown keys {unknown}; expected a subset of {sorted(merged)}")
-        merged.update(given)
-    return merged
-
-
-def total_loss(outputs: Mapping, batch: Mapping, weights=None):
-    """Weighted sum of all terms.
-
-    Args:
-      outputs: the MultitaskModel's dict: image_emb [B, E], text_emb [B, E], logit_scale [], itm_logits [N, 2],
-        itm_labels [N], optional itm_valid [N], box_pred [B, 4], spatial_logits [B, C].
-      batch: the data batch: image_id [B], box [B, 4], has_box [B], relation [B], has_relation [B], and optionally
-        valid [B] (False on eval padding rows, which then count nowhere; ITM pairs are checked via itm_pairs).
-      weights: mapping / ConfigDict with keys of `default_loss_config()` (missing keys take the defaults).
-    Returns:
-      (total float32[], dict of named float32[] terms: total, itc, itc_i2t, itc_t2i, itm, itm_acc, box, box_l1,
-       box_giou, num_boxes, spatial, spatial_acc, logit_scale, and matryoshka(+ per width) when enabled).
-    """
-    w = _resolve_weights(weights)
-    image_ids, valid = batch.get("image_id"), batch.get("valid")
-    itm_valid = outputs.get("itm_valid")
-    has_box, has_relation = batch["has_box"], batch["has_relation"]
-    if valid is not None:
-        valid = valid.astype(bool)
-        has_box, has_relation = has_box & valid, has_relation & valid
-        if "itm_pairs" in outputs:
-            pairs = outputs["itm_pairs"]
-            pair_ok = valid[pairs[:, 0]] & valid[pairs[:, 1]]
-            itm_valid = pair_ok if itm_valid is None else itm_valid & pair_ok
-    itc = contrastive_loss(outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"], image_ids, valid)
-    itm = itm_loss(outputs["itm_logits"], outputs["itm_labels"], itm_valid)
-    box = box_loss(outputs["box_pred"], batch["box"], has_box, w["box_l1"], w["box_giou"])
-    spatial = spatial_loss(outputs["spatial_logits"], batch["relation"], has_relation)
-    total = (w["itc"] * itc["loss"] + w["itm"] * itm["loss"] + w["box"] * box["loss"]
-             + w["spatial"] * spatial["loss"])
-    terms = {
-        "itc": itc["loss"], "itc_i2t": itc["i2t"], "itc_t2i": itc["t2i"],
-        "itm": itm["loss"], "itm_acc": itm["acc"],
-        "box": box["loss"], "box_l1": box["l1"], "box_giou": box["giou"], "num_boxes": box["num_boxes"],
-        "spatial": spatial["loss"], "spatial_acc": spatial["acc"],
-        "logit_scale": jnp.asarray(outputs["logit_scale"], jnp.float32),
-    }
-    if w["matryoshka"]:
-        mrl = matryoshka_contrastive_loss(outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"],
-                                          tuple(w["matryoshka_dims"]), image_ids, valid)
-        total = total + w["matryoshka"] * mrl["loss"]
-        terms.update({f"matryoshka_{k}" if k != "loss" else "matryoshka": v for k, v in mrl.items()})
-    terms["total"] = total
-    return total, terms

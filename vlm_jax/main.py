@@ -29,14 +29,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
-    from vlm_jax import sharding, train  # after flag parsing: jax must not start before distributed init
+    from vlm_jax import runs, sharding, train  # after flag parsing: jax must not start before distributed init
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info("Config:\n%s", FLAGS.config)
     if FLAGS.mode == "train":
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     else:
-        train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.eval_step)
+        runs.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.eval_step)
 
 
 if __name__ == "__main__":

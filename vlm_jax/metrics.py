@@ -1,16 +1,14 @@
-"""Evaluation metrics (pure numpy on host arrays) and clu metric collections for the train loop.
+"""Evaluation metrics: pure numpy on host arrays.
 
 - `retrieval_recall`: image<->text Recall@K with several captions per image (COCO / Flickr30k protocol).
 - `box_metrics`: mean IoU, mean GIoU, L1 and accuracy at IoU >= 0.5 over the samples that have a box.
 - `spatial_metrics`: accuracy, macro-F1 and confusion matrix of the spatial-relation head.
-- `make_metrics_collection` / `TrainMetrics`: `clu.metrics.Collection`s of the loss terms.
 
 Letters: I images, T texts (captions), N samples, C classes.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-import clu.metrics
 import jax.numpy as jnp
 import numpy as np
 
@@ -127,22 +125,3 @@ def spatial_metrics(pred, labels, mask=None, num_classes: int = 6) -> dict:
         "confusion": cm,
         "count": int(len(labels)),
     }
-
-
-# Terms of `losses.total_loss` that the train loop averages; logit_scale is reported as its last value.
-TRAIN_TERMS = ("total", "itc", "itc_i2t", "itc_t2i", "itm", "itm_acc", "box", "box_l1", "box_giou", "num_boxes",
-               "spatial", "spatial_acc")
-
-
-def make_metrics_collection(average: Iterable[str] = TRAIN_TERMS, last: Iterable[str] = ("logit_scale",)):
-    """A `clu.metrics.Collection` class: `Average` of each name in `average`, `LastValue` of each in `last`.
-
-    Use: `m = Cls.single_from_model_output(**terms)` inside the step, `m.merge(m2)` across steps,
-    `m.compute()` -> {name: value}. Names are model-output keys (e.g. the terms dict of `losses.total_loss`).
-    """
-    fields = {name: clu.metrics.Average.from_output(name) for name in average}
-    fields.update({name: clu.metrics.LastValue.from_output(name) for name in last})
-    return clu.metrics.Collection.create(**fields)
-
-
-TrainMetrics = make_metrics_collection()

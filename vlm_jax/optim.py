@@ -131,14 +131,17 @@ class ParamGroups:
 
 
 def make_schedule(group_cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
-    """Linear warmup over ``warmup_frac`` of the steps, then constant, linear or cosine decay to ``end_lr_frac``."""
+    """Linear warmup over ``warmup_frac`` of the steps, then constant, linear or cosine decay to ``end_lr_frac``.
+
+    group_cfg: lr, weight_decay, schedule ('constant' | 'linear' | 'cosine'), warmup_frac, end_lr_frac (all required).
+    """
     lr = float(group_cfg["lr"])
-    kind = group_cfg.get("schedule", "constant")
+    kind = group_cfg["schedule"]
     if kind not in SCHEDULES:
         raise ValueError(f"Unknown schedule {kind!r}; expected one of {SCHEDULES}.")
     total_steps = max(int(total_steps), 1)
-    warmup = int(round(float(group_cfg.get("warmup_frac", 0.0)) * total_steps))
-    end = lr * float(group_cfg.get("end_lr_frac", 0.0))
+    warmup = int(round(float(group_cfg["warmup_frac"]) * total_steps))
+    end = lr * float(group_cfg["end_lr_frac"])
     decay_steps = max(total_steps - warmup, 1)
     if kind == "constant":
         decay = optax.constant_schedule(lr)
@@ -174,7 +177,7 @@ def make_optimizer(optim_cfg, total_steps: int) -> Optimizer:
     if missing:
         raise ValueError(f"config.optim.rules name group(s) {missing} that config.optim.groups does not define "
                          f"(defined: {sorted(group_cfgs)}).")
-    decay_vectors = bool(optim_cfg.get("decay_vectors", False))
+    decay_vectors = bool(optim_cfg.decay_vectors)
 
     def decay_mask(params):
         return jax.tree.map(lambda x: decay_vectors or x.ndim > 1, params)
@@ -183,16 +186,15 @@ def make_optimizer(optim_cfg, total_steps: int) -> Optimizer:
     for name in groups.trainable_groups:
         cfg = group_cfgs[name]
         schedules[name] = make_schedule(cfg, total_steps)
-        transforms[name] = optax.adamw(schedules[name], b1=optim_cfg.get("b1", 0.9), b2=optim_cfg.get("b2", 0.999),
-                                       eps=optim_cfg.get("eps", 1e-8), weight_decay=float(cfg.get("weight_decay", 0.0)),
-                                       mask=decay_mask)
+        transforms[name] = optax.adamw(schedules[name], b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                                       weight_decay=float(cfg["weight_decay"]), mask=decay_mask)
     parts = []
-    if optim_cfg.get("grad_clip_norm", 0.0):
+    if optim_cfg.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)))
-      # Labels as a callable: a label tree built ahead of time would not match the State structure optax sees.
+    # Labels as a callable: a label tree built ahead of time would not match the State structure optax sees.
     parts.append(optax.multi_transform(transforms, groups.labels))
     tx = optax.chain(*parts)
-    accum = int(optim_cfg.get("accum_steps", 1))
+    accum = int(optim_cfg.accum_steps)
     if accum < 1:
         raise ValueError(f"config.optim.accum_steps must be >= 1, got {accum}.")
     if accum > 1:

@@ -22,25 +22,15 @@ from vlm_jax.models.config import InternVLConfig
 from vlm_jax.models.internvl import InternVL, InternVLOutput, count_image_tokens
 
 
-_TRACES = {"count": 0}
-
-
-def trace_count() -> int:
-    """How many times the shared forward functions were traced (each trace means one compile)."""
-    return _TRACES["count"]
-
-
 # Module-level jitted functions: wrappers around equal configs share the compiled code (the cache key is the
 # module's graph definition, which holds the config, plus the input shapes).
 @nnx.jit
 def _forward(module: InternVL, pixel_values, input_ids, attention_mask) -> InternVLOutput:
-    _TRACES["count"] += 1
     return module(pixel_values, input_ids, attention_mask)
 
 
 @nnx.jit
 def _forward_text(module: InternVL, input_ids, attention_mask) -> InternVLOutput:
-    _TRACES["count"] += 1
     hidden, _ = module.language_model(input_ids=input_ids, attention_mask=attention_mask)
     return InternVLOutput(logits=module.logits(hidden), hidden=hidden)
 

@@ -144,17 +144,9 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 
-def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh, rules=LOGICAL_RULES):
-    """Builds ``create()``'s state directly into its shardings: eval_shape, specs from logical names, jit init.
-
-    Returns ``(graphdef, state)``; no host or device ever holds an unsharded copy of the parameters.
-    """
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(create)
-        graphdef, abstract_state = nnx.split(abstract)
-        shardings = state_shardings(abstract_state, mesh, rules)
-        state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
-    return graphdef, state
+def rules_from_config(rules) -> tuple[tuple[str, Any], ...]:
+    """``config.logical_rules`` as a rules table; empty = ``LOGICAL_RULES``."""
+    return tuple((str(a), b) for a, b in rules) if rules else LOGICAL_RULES
 
 
 def abstract_with_shardings(abstract_tree, shardings):

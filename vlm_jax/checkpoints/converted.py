@@ -1,6 +1,6 @@
 """Converted checkpoints: an orbax parameter tree + the model config, written by `python -m vlm_jax.convert`.
 
-Directory layout:
+The one place that reads and writes this format. Directory layout:
   vlm_jax_config.json   {"format": FORMAT, "config": InternVLConfig.to_dict(), "param_dtype": "float32"}
   params/               orbax StandardSave of the nested parameter dict (same paths as `nnx.state(model)`)
   tokenizer files       copied from the source checkpoint when present
@@ -52,26 +52,42 @@ def save(out_dir: str, config: InternVLConfig, model: InternVL, *, source_dir: s
                 shutil.copy2(src, os.path.join(out_dir, name))
 
 
-def load(path: str, *, image_token_id: int | None = None, dtype="float32") -> tuple[InternVL, InternVLConfig]:
-    """Restore a converted checkpoint -> (InternVL with params and compute in `dtype`, config)."""
-    path = os.path.abspath(path)
+def read_config(path: str) -> InternVLConfig:
+    """The stored InternVLConfig; an image_token_id it lacks comes from the copied tokenizer files."""
+    if not is_converted(path):
+        raise ValueError(f"{path}: not a converted checkpoint (no {CONFIG_FILE}; write one with "
+                         "`python -m vlm_jax.convert`).")
     with open(os.path.join(path, CONFIG_FILE)) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown converted format {meta.get('format')!r}, expected {FORMAT!r}")
     config = InternVLConfig.from_dict(meta["config"])
-    if image_token_id is not None:
-        config = config.replace(image_token_id=int(image_token_id))
     if config.image_token_id is None:
         found = hf.tokenizer_token_id(path)
         if found is None:
-            raise ValueError(f"{path}: no image_token_id in {CONFIG_FILE} or tokenizer files; pass image_token_id=...")
+            raise ValueError(f"{path}: no image_token_id in {CONFIG_FILE} or the tokenizer files; "
+                             "pass image_token_id=...")
         config = config.replace(image_token_id=found)
+    return config
+
+
+def restore_params(path: str, abstract_state: nnx.State) -> nnx.State:
+    """The stored parameters, read directly into the shardings and dtypes of `abstract_state` (the abstract
+    `nnx.State` of an InternVL's parameters, e.g. from `nnx.eval_shape`)."""
+    target = nnx.to_pure_dict(abstract_state)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)
+    state = jax.tree.map(lambda x: x, abstract_state)  # a copy: the caller's abstract state stays abstract
+    nnx.replace_by_pure_dict(state, restored)
+    return state
+
+
+def load(path: str, *, image_token_id: int | None = None, dtype="float32") -> tuple[InternVL, InternVLConfig]:
+    """Restore a converted checkpoint -> (InternVL with params and compute in `dtype`, config)."""
+    config = read_config(path)
+    if image_token_id is not None:
+        config = config.replace(image_token_id=int(image_token_id))
     jdtype = jnp.dtype(dtype)
     abstract = nnx.eval_shape(lambda: InternVL(config, dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jdtype), nnx.to_pure_dict(params))
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(os.path.join(path, "params"), target)
-    nnx.replace_by_pure_dict(params, restored)
-    return nnx.merge(graphdef, params, rest), config
+    return nnx.merge(graphdef, restore_params(path, params), rest), config

@@ -43,7 +43,7 @@ def random_model(config: InternVLConfig, *, seed: int = 0, noise: float = 0.1, d
 
     jdtype = jnp.dtype(dtype)
     flat = random_params(config, seed=seed, noise=noise)
-    return hf.build_model(config, flat, dtype=jdtype, param_dtype=jdtype)
+    return hf.model_from_flat(config, flat, dtype=jdtype, param_dtype=jdtype)
 
 
 def write_random_checkpoint(directory: str, config: InternVLConfig, *, layout: str = "transformers", seed: int = 0,

@@ -1,4 +1,7 @@
-"""The input pipeline: tfds data source -> grain -> host batches (-> global arrays with `make_global_batch`).
+"""The input pipeline: tfds data source -> grain -> host batches (`sharding.global_batch` makes global arrays).
+
+The model decides the tile size, the `<IMG_CONTEXT>` tokens per tile and the tokenizer; the pipeline takes them
+from it as `ModelInputs.from_model(model_config, tokenizer)`. `config.data` holds only what the data decides.
 
     source (tfds.data_source, images left encoded)
       -> [train] shard by process, shuffle (reshuffled every epoch), pick one caption per image per epoch
@@ -20,9 +23,6 @@ Batch fields (numpy, leading axis = this process's rows; see the contract):
     prompt_ids, prompt_mask  int32[B, max_prompt_length]  template with <img><IMG_CONTEXT>*n</img> + caption
     box          float32[B, 4], has_box bool[B], relation int32[B], has_relation bool[B]
     valid        bool[B]  (eval only) False on the padding rows that even out the processes' batch counts
-
-Retrieval evaluation without recomputing an image per caption: `make_retrieval_iterators` gives the split's unique
-images and all its captions (with `image_id` as the caption -> image map) as two iterators.
 
 Determinism and resume: the order depends only on (seed, shard, config); `PipelineIterator` is a grain
 `DatasetIterator`, so `get_state()`/`set_state()` resume exactly and `checkpoint_args(it)` /
@@ -46,63 +46,44 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 from etils import epath
 
+from vlm_jax import tokenizer as tokenizer_lib
 from vlm_jax.data import preprocess
 from vlm_jax.data import prompt as prompt_lib
-from vlm_jax.data import tokenizer as tokenizer_lib
+
+if TYPE_CHECKING:
+    from vlm_jax.models.config import InternVLConfig
 
 COUNTERS = ("truncated_captions", "truncated_prompts")
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Every `config.data` field the pipeline reads, with defaults (the tiny demo settings)."""
-    c = ml_collections.ConfigDict()
-    c.name = "spatial_shapes"  # "spatial_shapes" | "coco_captions" | "refcoco"
-    c.builder_config = "tiny"  # tfds config name ("" = the builder's default)
-    c.builder_params = ml_collections.ConfigDict()  # spatial_shapes only: overrides -> spatial_shapes.make_config
-    c.data_dir = ""  # tfds data_dir ("" = tfds default, ~/tensorflow_datasets)
-    c.manual_dir = ""  # real datasets: the folder with the user's files
-    c.prepare = True  # build the dataset when it is not in data_dir yet
-    c.skip_bad_records = False  # real datasets: skip (and count) missing/corrupt images instead of failing
-    c.train_split = "train"
-    c.seed = 0  # used when make_iterator gets no seed
-    c.num_epochs = -1  # training passes over the data; -1 = repeat forever
-    c.num_workers = 0  # grain worker processes (0 = in the main process)
-    c.worker_buffer_size = 2
-    # Must agree with the model: tile size, <IMG_CONTEXT> tokens per tile, chat template, tokenizer.
-    c.image_size = 32  # InternVLConfig.tiny(): 32 px tiles, 4 tokens per tile
-    c.num_image_tokens = 4
-    c.template = "plain"  # "plain" | "internvl2_5"
-    # "demo": build_demo_tokenizer over spatial_shapes' words (other datasets fall back to bytes: use a real one),
-    # or a directory with tokenizer files (a checkpoint's).
-    c.tokenizer = "demo"
-    c.max_text_length = 24
-    c.max_prompt_length = -1  # -1 = num_image_tokens * max tiles + max_text_length + 16
-    c.eval_dynamic_tiles = False
-    c.min_tiles = 1
-    c.max_tiles = 6
-    c.use_thumbnail = True
-    return c
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+    """What the pipeline takes from the model: its tokenizer, tile size and `<IMG_CONTEXT>` tokens per tile."""
 
+    tokenizer: Any  # a transformers tokenizer with the InternVL special tokens
+    image_size: int  # tile side in pixels
+    num_image_tokens: int  # LM tokens per tile
 
-def resolve_config(data_config) -> ml_collections.ConfigDict:
-    """`default_config()` overridden by the fields `data_config` sets; unknown fields are an error (typos)."""
-    resolved = default_config()
-    given = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config or {})
-    unknown = sorted(set(given) - set(resolved.keys()))
-    if unknown:
-        raise ValueError(f"config.data: unknown fields {unknown}; the pipeline reads {sorted(resolved.keys())}")
-    resolved.update(given)
-    return resolved
+    @classmethod
+    def from_model(cls, model_config: InternVLConfig, tokenizer) -> ModelInputs:
+        """The inputs `model_config` expects, checked against `tokenizer` (image token id, vocabulary size)."""
+        context_id = tokenizer.convert_tokens_to_ids(tokenizer_lib.IMG_CONTEXT)
+        if context_id != model_config.image_token_id:
+            raise ValueError(f"the tokenizer's {tokenizer_lib.IMG_CONTEXT} is id {context_id} but the model "
+                             f"expects image_token_id={model_config.image_token_id}")
+        if len(tokenizer) > model_config.text.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
+                             f"{model_config.text.vocab_size}")
+        return cls(tokenizer, int(model_config.image_size), int(model_config.num_image_tokens))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -123,13 +104,15 @@ def _builder_class(name: str):
     raise ValueError(f"config.data.name must be 'spatial_shapes', 'coco_captions' or 'refcoco', got {name!r}")
 
 
-def make_builder(data_config) -> tfds.core.DatasetBuilder:
+def make_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The tfds builder named by `data_config` (prepared on disk when `prepare` is set)."""
-    data_config = resolve_config(data_config)
     cls = _builder_class(data_config.name)
     kwargs: dict[str, Any] = {"data_dir": data_config.data_dir or None}
-    params = dict(data_config.get("builder_params", {}) or {})
-    if data_config.name == "spatial_shapes" and params:
+    params = data_config.builder_params.to_dict()
+    if params and (data_config.name != "spatial_shapes" or data_config.builder_config):
+        raise ValueError(f"config.data.builder_params={params} is for spatial_shapes without a builder_config; "
+                         f"got name={data_config.name!r}, builder_config={data_config.builder_config!r}")
+    if params:
         from vlm_jax.data.datasets import spatial_shapes
         kwargs["config"] = spatial_shapes.make_config(**params)
     elif data_config.builder_config:
@@ -151,7 +134,7 @@ def make_builder(data_config) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def load_source(data_config, split: str):
+def load_source(data_config: ml_collections.ConfigDict, split: str):
     """(builder, random-access source of `split` with images left encoded)."""
     builder = make_builder(data_config)
     if split not in builder.info.splits:
@@ -160,40 +143,24 @@ def load_source(data_config, split: str):
     return builder, source
 
 
-def make_tokenizer(data_config):
-    """The tokenizer `config.data.tokenizer` names; "demo" = `build_demo_tokenizer` over the dataset's words."""
-    data_config = resolve_config(data_config)
-    if data_config.tokenizer != "demo":
-        return tokenizer_lib.load_tokenizer(data_config.tokenizer)
-    words: tuple[str, ...] = ()
-    if data_config.name == "spatial_shapes":
-        from vlm_jax.data.datasets import spatial_shapes
-        words = spatial_shapes.VOCABULARY
-    return tokenizer_lib.build_demo_tokenizer(words)
-
-
-def max_tiles_per_image(data_config, train: bool) -> int:
-    data_config = resolve_config(data_config)
+def max_tiles_per_image(data_config: ml_collections.ConfigDict, train: bool) -> int:
     if train or not data_config.eval_dynamic_tiles:
         return 1
     extra = 1 if data_config.use_thumbnail and data_config.max_tiles > 1 else 0
     return int(data_config.max_tiles) + extra
 
 
-def prompt_length(data_config, train: bool) -> int:
+def prompt_length(data_config: ml_collections.ConfigDict, inputs: ModelInputs, train: bool) -> int:
     """The fixed `prompt_ids` length: `max_prompt_length`, or room for the image block(s) + caption + template."""
-    data_config = resolve_config(data_config)
     if data_config.max_prompt_length > 0:
         return int(data_config.max_prompt_length)
-    image_tokens = int(data_config.num_image_tokens) * max_tiles_per_image(data_config, train)
+    image_tokens = inputs.num_image_tokens * max_tiles_per_image(data_config, train)
     return image_tokens + int(data_config.max_text_length) + 16  # 16: template tokens and image delimiters
 
 
-def make_prompt_builder(data_config, tokenizer=None) -> prompt_lib.PromptBuilder:
-    """A PromptBuilder for `data_config` (the model must use the same tokenizer and num_image_tokens)."""
-    data_config = resolve_config(data_config)
-    return prompt_lib.PromptBuilder(tokenizer if tokenizer is not None else make_tokenizer(data_config),
-                                    int(data_config.num_image_tokens), template=data_config.template)
+def make_prompt_builder(data_config: ml_collections.ConfigDict, inputs: ModelInputs) -> prompt_lib.PromptBuilder:
+    """A PromptBuilder with the model's tokenizer and tokens per tile and the configured template."""
+    return prompt_lib.PromptBuilder(inputs.tokenizer, inputs.num_image_tokens, template=data_config.template)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -284,24 +251,14 @@ class _RandomCaption:
 
 @dataclasses.dataclass
 class _Pair:
-    """Eval: the item at a flat position (record, caption, valid); padding rows repeat item 0 with valid=False.
-
-    part: "pairs" = full examples; "images" = image fields only (caption ignored); "captions" = caption fields only.
-    """
+    """Eval: the example at a flat position (record, caption, valid); padding rows repeat item 0 with valid=False."""
 
     source: Any
     encode: _Encoder
-    part: str = "pairs"
 
     def __call__(self, item) -> dict:
         record_index, k, valid = (int(v) for v in item)
-        record = self.source[record_index]
-        if self.part == "images":
-            out = self.encode.image(record)[0]
-        elif self.part == "captions":
-            out = self.encode.caption(record, k)
-        else:
-            out = self.encode(record, k)
+        out = self.encode(self.source[record_index], k)
         out["valid"] = np.bool_(valid)
         return out
 
@@ -376,49 +333,28 @@ def _eval_items(items: np.ndarray, shard_index: int, shard_count: int, local_bat
     return out
 
 
-def _setup(data_config, split, train, global_batch_size, shard_index, shard_count, prompt_builder):
-    data_config = resolve_config(data_config)
-    shard_index = jax.process_index() if shard_index is None else int(shard_index)
-    shard_count = jax.process_count() if shard_count is None else int(shard_count)
+def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *, split: str, train: bool,
+                  global_batch_size: int, seed: int, shard_index: int, shard_count: int) -> PipelineIterator:
+    """This process's iterator of host batches of `global_batch_size / shard_count` rows.
+
+    train=True: shuffled (by `seed`), one random caption per image, `num_epochs` passes (-1 = forever), full batches
+    only. train=False: every (image, caption) pair of the split once in a fixed order, with a `valid` field; all
+    shards yield the same number of batches.
+    Shard `shard_index` of `shard_count` (jax.process_index() / jax.process_count() in a multi-process run) reads a
+    disjoint 1/shard_count of the records (train) or pairs (eval).
+    """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
     if global_batch_size % shard_count:
         raise ValueError(f"global batch size {global_batch_size} is not divisible by the {shard_count} processes")
+    local_batch_size = global_batch_size // shard_count
     builder, source = load_source(data_config, split)
-    pb = prompt_builder if prompt_builder is not None else make_prompt_builder(data_config)
-    dynamic = bool(not train and data_config.eval_dynamic_tiles)
-    encode = _Encoder(dataset=builder.name, builder=pb, image_size=int(data_config.image_size),
-                      text_length=int(data_config.max_text_length), prompt_length=prompt_length(data_config, train),
-                      dynamic_tiles=dynamic, min_tiles=int(data_config.min_tiles),
-                      max_tiles=int(data_config.max_tiles), use_thumbnail=bool(data_config.use_thumbnail),
-                      tiles_dim=max_tiles_per_image(data_config, train))
-    return data_config, shard_index, shard_count, global_batch_size // shard_count, builder, source, encode
-
-
-def _finish(ds: grain.MapDataset, data_config, builder) -> PipelineIterator:
-    iter_ds = ds.to_iter_dataset()
-    if data_config.num_workers > 0:
-        _ensure_flags_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=int(data_config.num_workers), per_worker_buffer_size=int(data_config.worker_buffer_size)))
-    skipped = int(builder.info.metadata.get("num_skipped_records", 0)) if builder.info.metadata else 0
-    return PipelineIterator(iter(iter_ds), skipped_bad_records=skipped)
-
-
-def make_iterator(data_config, *, split: str, train: bool, global_batch_size: int, seed: int | None = None,
-                  shard_index: int | None = None, shard_count: int | None = None,
-                  prompt_builder: prompt_lib.PromptBuilder | None = None) -> PipelineIterator:
-    """This process's iterator of host batches of `global_batch_size / shard_count` rows.
-
-    train=True: shuffled, one random caption per image, `num_epochs` passes (-1 = forever), full batches only.
-    train=False: every (image, caption) pair of the split once in a fixed order, with a `valid` field; all shards
-    yield the same number of batches.
-    shard_index/shard_count default to jax.process_index()/jax.process_count(); each shard reads a disjoint
-    1/shard_count of the records (train) or pairs (eval).
-    """
-    data_config, shard_index, shard_count, local_batch_size, builder, source, encode = _setup(
-        data_config, split, train, global_batch_size, shard_index, shard_count, prompt_builder)
-    seed = int(data_config.seed if seed is None else seed)
+    encode = _Encoder(dataset=builder.name, builder=make_prompt_builder(data_config, inputs),
+                      image_size=inputs.image_size, text_length=int(data_config.max_text_length),
+                      prompt_length=prompt_length(data_config, inputs, train),
+                      dynamic_tiles=bool(not train and data_config.eval_dynamic_tiles),
+                      min_tiles=int(data_config.min_tiles), max_tiles=int(data_config.max_tiles),
+                      use_thumbnail=bool(data_config.use_thumbnail), tiles_dim=max_tiles_per_image(data_config, train))
     if train:
         indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
         if len(indices) < local_batch_size:
@@ -432,46 +368,10 @@ def make_iterator(data_config, *, split: str, train: bool, global_batch_size: in
         pairs = np.asarray([(i, k) for i, n in enumerate(counts) for k in range(n)], np.int64).reshape(-1, 2)
         items = _eval_items(pairs, shard_index, shard_count, local_batch_size)
         ds = grain.MapDataset.source(items).map(_Pair(source, encode)).batch(local_batch_size)
-    return _finish(ds, data_config, builder)
-
-
-def make_retrieval_iterators(data_config, *, split: str, global_batch_size: int, shard_index: int | None = None,
-                             shard_count: int | None = None,
-                             prompt_builder: prompt_lib.PromptBuilder | None = None
-                             ) -> tuple[PipelineIterator, PipelineIterator]:
-    """(images, captions) of `split` for two-tower retrieval, each image encoded once.
-
-    images:   image, image_id (each image of the split once; with `eval_dynamic_tiles` also num_tiles), valid
-    captions: text_ids, text_mask, image_id (the caption -> image map), box, has_box, relation, has_relation, valid
-    Both are sharded over processes like the eval pairs and padded (valid=False) to equal batch counts.
-    """
-    data_config, shard_index, shard_count, local_batch_size, builder, source, encode = _setup(
-        data_config, split, False, global_batch_size, shard_index, shard_count, prompt_builder)
-    counts = _caption_counts(builder, source)
-    images = np.asarray([(i, 0) for i in range(len(source))], np.int64).reshape(-1, 2)
-    captions = np.asarray([(i, k) for i, n in enumerate(counts) for k in range(n)], np.int64).reshape(-1, 2)
-    out = []
-    for part, items in (("images", images), ("captions", captions)):
-        items = _eval_items(items, shard_index, shard_count, local_batch_size)
-        ds = grain.MapDataset.source(items).map(_Pair(source, encode, part)).batch(local_batch_size)
-        out.append(_finish(ds, data_config, builder))
-    return out[0], out[1]
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Global arrays.
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-    """Leading axis over the mesh's ('data', 'fsdp') axes (those present), the rest replicated."""
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
-
-
-def make_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None) -> dict:
-    """Global jax arrays from this process's rows (`jax.make_array_from_process_local_data`); no mesh: device 0."""
-    if mesh is None:
-        return {k: jax.device_put(np.asarray(v)) for k, v in local_batch.items()}
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
-
+    iter_ds = ds.to_iter_dataset()
+    if data_config.num_workers > 0:
+        _ensure_flags_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=int(data_config.num_workers), per_worker_buffer_size=int(data_config.worker_buffer_size)))
+    skipped = int(builder.info.metadata.get("num_skipped_records", 0)) if builder.info.metadata else 0
+    return PipelineIterator(iter(iter_ds), skipped_bad_records=skipped)

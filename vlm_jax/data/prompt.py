@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlm_jax.data import tokenizer as tok
+from vlm_jax import tokenizer as tok
 
 IMAGE_PLACEHOLDER = "<image>"
 INTERNVL_SYSTEM_MESSAGE = (
@@ -128,10 +128,6 @@ class PromptBuilder:
                 image += 1
         return out
 
-    def image_block(self, num_tiles: int) -> list[int]:
-        """`<img>` + `<IMG_CONTEXT>` x (num_image_tokens x num_tiles) + `</img>`."""
-        return [self.img_start_id] + [self.img_context_id] * (self.num_image_tokens * num_tiles) + [self.img_end_id]
-
     # ---- batches ----------------------------------------------------------------------------------------------
 
     def batch(self, sequences: Sequence[Sequence[int]], *, padding_side: str | None = None,
@@ -163,11 +159,6 @@ class PromptBuilder:
         if len(num_tiles) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(num_tiles)} num_tiles entries")
         seqs = [self.prompt_ids(t, n, index=i) for i, (t, n) in enumerate(zip(texts, num_tiles))]
-        return self.batch(seqs, padding_side=padding_side, length=length)
-
-    def batch_captions(self, texts: Sequence[str], *, padding_side: str | None = None, length: int | None = None):
-        """`caption_ids` for every text, then `batch`."""
-        seqs = [self.caption_ids(t, index=i) for i, t in enumerate(texts)]
         return self.batch(seqs, padding_side=padding_side, length=length)
 
     # ---- internals --------------------------------------------------------------------------------------------
@@ -222,49 +213,3 @@ def _check_side(side: str) -> None:
 def _name(index: int | None) -> str:
     return "prompt" if index is None else f"sample {index}"
 
-
-def add_special_tokens(tokenizer, model, tokens: Sequence[str]) -> list[int]:
-    """Adds `tokens` (e.g. task tokens) to the tokenizer as special tokens and grows the model to match.
-
-    New embedding rows (and lm_head columns, when untied) start at the mean over the tokenizer's existing tokens
-    (mean resizing: a new token starts as an "average" token instead of a random direction with an arbitrary logit).
-    Rows that already exist beyond the old tokenizer length (checkpoints pad their vocabulary) are reused and
-    re-initialised the same way. `model.config` (and the LM's) gets the new vocab size, so saving the model with
-    its config and the tokenizer with `save_pretrained` keeps them consistent.
-    Returns the ids of `tokens` (existing tokens keep theirs and are left untouched).
-    """
-    import dataclasses
-
-    import jax.numpy as jnp
-
-    vocab = tokenizer.get_vocab()
-    new = [t for t in dict.fromkeys(tokens) if t not in vocab]
-    old_len = len(tokenizer)
-    if new:
-        tokenizer.add_tokens(new, special_tokens=True)
-    ids = tokenizer.convert_tokens_to_ids(list(tokens))
-    if not new:
-        return ids
-    new_ids = np.asarray(tokenizer.convert_tokens_to_ids(new))
-    lm = model.language_model
-    embed = lm.embed_tokens[...]  # [V, D]
-    size = max(embed.shape[0], len(tokenizer))
-    known = min(old_len, embed.shape[0])
-
-    def grow(matrix, axis):
-        """Pads `axis` to `size` and writes the mean of the known entries at the new ids."""
-        mean = jnp.mean(jnp.take(matrix, jnp.arange(known), axis=axis).astype(jnp.float32), axis=axis, keepdims=True)
-        pad = [(0, 0)] * matrix.ndim
-        pad[axis] = (0, size - matrix.shape[axis])
-        grown = jnp.pad(matrix, pad)
-        index = [slice(None)] * matrix.ndim
-        index[axis] = new_ids
-        return grown.at[tuple(index)].set(mean.astype(matrix.dtype))
-
-    lm.embed_tokens.set_value(grow(embed, 0))
-    if model.lm_head is not None:
-        model.lm_head.kernel.set_value(grow(model.lm_head.kernel[...], 1))  # [D, V]
-    text = dataclasses.replace(model.config.text, vocab_size=size)
-    model.config = model.config.replace(text=text)
-    lm.cfg = text
-    return ids

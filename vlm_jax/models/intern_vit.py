@@ -1,12 +1,13 @@
 """InternViT encoder (InternViT-300M / 6B variants), NHWC input.
 
-Legend: N images, P patches (grid h*w), D width, F MLP width, C channels.
-The encoder layers are stacked (leading 'layers' axis) and applied with `lax.scan`: compile time does not grow
+Legend: N images, T = 1 + P tokens, P patches (grid h*w), D width, F MLP width, C channels, A heads, H head dim.
+The encoder layers are stacked (leading 'layers' axis) and applied with `nnx.scan`: compile time does not grow
 with depth.
 """
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,15 +16,21 @@ from vlm_jax.models import layers
 from vlm_jax.models.config import VisionConfig
 
 
+def patchify(pixel_values: jax.Array, patch: int) -> jax.Array:
+    """float[N, H, W, C] -> float[N, P, patch*patch*C]: non-overlapping patches in row-major grid order, each
+    flattened as (row in patch, column in patch, channel)."""
+    return einops.rearrange(pixel_values, "N (h ph) (w pw) C -> N (h w) (ph pw C)", ph=patch, pw=patch)
+
+
 class VisionEmbeddings(nnx.Module):
-    """Patchify + Dense (== Conv2d with stride = kernel), CLS token, absolute position embeddings."""
+    """Patchify + Linear (== Conv2d with stride = kernel), CLS token, absolute position embeddings."""
 
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
         patch_dim = cfg.patch_size * cfg.patch_size * cfg.num_channels
         # Kernel rows ordered (kh, kw, c): torch OIHW weight -> transpose(2, 3, 1, 0).reshape(patch_dim, D).
-        self.patch_embedding = layers.Dense(patch_dim, cfg.hidden_size, (None, "embed"), dtype=dtype,
-                                            param_dtype=param_dtype, rngs=rngs)
+        self.patch_embedding = layers.Linear(patch_dim, cfg.hidden_size, (None, "embed"), dtype=dtype,
+                                             param_dtype=param_dtype, rngs=rngs)
         init = nnx.initializers.normal(0.02)
         self.class_embedding = layers.param(rngs, init, (cfg.hidden_size,), param_dtype, ("embed",))
         self.position_embedding = layers.param(rngs, init, (cfg.grid_size ** 2 + 1, cfg.hidden_size), param_dtype,
@@ -35,17 +42,15 @@ class VisionEmbeddings(nnx.Module):
         g = self.cfg.grid_size
         if (grid_h, grid_w) == (g, g):
             return pos
-        grid = layers.resize_bicubic_2d(pos[1:].reshape(g, g, -1), grid_h, grid_w)
-        return jnp.concatenate([pos[:1], grid.reshape(grid_h * grid_w, -1)], axis=0)
+        grid = layers.resize_bicubic_2d(einops.rearrange(pos[1:], "(h w) D -> h w D", h=g), grid_h, grid_w)
+        return jnp.concatenate([pos[:1], einops.rearrange(grid, "h w D -> (h w) D")], axis=0)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values float[N, H, W, C] -> float[N, 1 + P, D] (row-major patch order, CLS first)."""
-        n, h, w, c = pixel_values.shape
         p = self.cfg.patch_size
-        gh, gw = h // p, w // p
-        x = pixel_values.reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * gw, p * p * c)
-        x = self.patch_embedding(x)  # [N, P, D]
-        cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (n, 1, x.shape[-1]))
+        gh, gw = pixel_values.shape[1] // p, pixel_values.shape[2] // p
+        x = self.patch_embedding(patchify(pixel_values, p))  # [N, P, D]
+        cls = einops.repeat(self.class_embedding[...].astype(self.dtype), "D -> N 1 D", N=x.shape[0])
         x = jnp.concatenate([cls, x], axis=1)
         return x + self.positions(gh, gw).astype(self.dtype)[None]
 
@@ -56,13 +61,13 @@ def _norm(cfg: VisionConfig, dim: int, *, dtype, param_dtype, rngs, names=("embe
 
 
 class VisionAttention(nnx.Module):
-    """Bidirectional MHA with one fused qkv Dense (columns q | k | v, head-major inside each)."""
+    """Bidirectional MHA with one fused qkv Linear (columns q | k | v, head-major inside each)."""
 
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.hidden_size
-        self.qkv = layers.Dense(d, 3 * d, ("embed", "heads"), use_bias=cfg.qkv_bias, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
+        self.qkv = layers.Linear(d, 3 * d, ("embed", "heads"), use_bias=cfg.qkv_bias, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
         if cfg.qk_norm:
             # InternViT-6B: RMSNorm over the full width (all heads together), not per head.
             self.q_norm = layers.RMSNorm(d, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
@@ -71,26 +76,24 @@ class VisionAttention(nnx.Module):
                                          rngs=rngs, names=("heads",))
         else:
             self.q_norm = self.k_norm = None
-        self.proj = layers.Dense(d, d, ("heads", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj = layers.Linear(d, d, ("heads", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, implementation: str | None = None) -> jax.Array:
         """x float[N, T, D] -> float[N, T, D]."""
-        n, t, d = x.shape
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        shape = (n, t, self.cfg.num_heads, self.cfg.head_dim)
-        o = layers.attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), None,
-                             implementation=implementation)
-        return self.proj(o.reshape(n, t, d))
+        q, k, v = (einops.rearrange(y, "N T (A H) -> N T A H", A=self.cfg.num_heads) for y in (q, k, v))
+        o = layers.attention(q, k, v, None, implementation=implementation)
+        return self.proj(einops.rearrange(o, "N T A H -> N T (A H)"))
 
 
 class VisionMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.fc1 = layers.Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = layers.Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = layers.Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = layers.Linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.fc2(layers.gelu(self.fc1(x)))
@@ -115,17 +118,6 @@ class VisionLayer(nnx.Module):
         return x + self.ls2[...].astype(self.dtype) * self.mlp(self.norm2(x))
 
 
-def stacked(make, num_layers: int, rngs: nnx.Rngs):
-    """Build `num_layers` copies of a module with parameters stacked on a leading 'layers' axis."""
-
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def build(r):
-        return make(r)
-
-    return build(rngs)
-
-
 class InternViT(nnx.Module):
     """Embeddings + scanned encoder layers; no final norm (InternVL uses the raw last layer)."""
 
@@ -134,17 +126,15 @@ class InternViT(nnx.Module):
         self.attention_impl: str | None = None  # None: chosen by backend (see layers.attention).
         self.remat = False  # True: recompute each layer's activations in the backward pass (saves memory).
         self.embeddings = VisionEmbeddings(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = stacked(lambda r: VisionLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
-                              cfg.num_layers, rngs)
+        self.layers = layers.stacked(lambda r: VisionLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+                                     cfg.num_layers, rngs)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values float[N, H, W, C] (NHWC, normalised) -> last hidden state float[N, 1 + P, D]."""
-        x = self.embeddings(pixel_values)
-        graphdef, state = nnx.split(self.layers)
         impl = self.attention_impl
 
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, impl), None
+        def body(x, layer: VisionLayer):
+            return layer(x, impl), None
 
-        x, _ = jax.lax.scan(jax.checkpoint(body) if self.remat else body, x, state)
+        x, _ = layers.scan_layers(body, self.embeddings(pixel_values), self.layers, remat=self.remat)
         return x

@@ -5,6 +5,7 @@ Legend: N image tiles, P patches per tile, Q = num_image_tokens per tile, B batc
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,14 +23,14 @@ class InternVLOutput:
     hidden: jax.Array  # float[B, T, D], after the LM's final norm
 
 
-def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
-    """Pixel shuffle v2: float[N, h, w, C] -> float[N, h/f, w/f, f*f*C].
+def pixel_shuffle(patches: jax.Array, grid_h: int, factor: int) -> jax.Array:
+    """Pixel shuffle v2 over a row-major patch grid: float[N, P, C] (P = grid_h * grid_w) -> float[N, Q, f*f*C].
 
-    out[n, r, c, (dr*f + dc)*C + ch] = x[n, f*r + dr, f*c + dc, ch]: row offset slowest, as InternVL's v2.
+    Each f x f block of patches becomes one token (Q = P / f^2, blocks in row-major order); its features are the
+    block's patches in row-major order (row offset slowest), as InternVL's v2.
     """
-    n, h, w, c = x.shape
-    x = x.reshape(n, h // factor, factor, w // factor, factor, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, h // factor, w // factor, factor * factor * c)
+    return einops.rearrange(patches, "N (h dr w dc) C -> N (h w) (dr dc C)", h=grid_h // factor, dr=factor,
+                            dc=factor)
 
 
 class Projector(nnx.Module):
@@ -38,8 +39,8 @@ class Projector(nnx.Module):
     def __init__(self, in_dim: int, out_dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm = layers.LayerNorm(in_dim, eps=eps, names=(None,), **kw)
-        self.linear_1 = layers.Dense(in_dim, out_dim, (None, "embed"), **kw)
-        self.linear_2 = layers.Dense(out_dim, out_dim, (None, "embed"), **kw)
+        self.linear_1 = layers.Linear(in_dim, out_dim, (None, "embed"), **kw)
+        self.linear_2 = layers.Linear(out_dim, out_dim, (None, "embed"), **kw)
 
     def __call__(self, x):
         return self.linear_2(layers.gelu(self.linear_1(self.layer_norm(x))))
@@ -63,8 +64,8 @@ class InternVL(nnx.Module):
         if config.text.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = layers.Dense(config.text.hidden_size, config.text.vocab_size, ("embed", "vocab"),
-                                        use_bias=False, **kw)
+            self.lm_head = layers.Linear(config.text.hidden_size, config.text.vocab_size, ("embed", "vocab"),
+                                         use_bias=False, **kw)
 
     def set_attention_implementation(self, implementation: str | None) -> None:
         """'map' | 'einsum' | 'xla' | 'cudnn' | None (backend default) for both towers."""
@@ -86,11 +87,9 @@ class InternVL(nnx.Module):
 
     def image_embeddings_from_hidden(self, vision_hidden: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
         """Already computed ViT states float[N, 1 + P, Dv] of images of size `image_hw` -> float[N, Q, D]."""
-        h = vision_hidden[:, 1:]
-        n, _, c = h.shape
-        g = self.config.vision.patch_size
-        x = pixel_shuffle(h.reshape(n, image_hw[0] // g, image_hw[1] // g, c), self.config.shuffle_factor)
-        return self.multi_modal_projector(x.reshape(n, -1, x.shape[-1]))
+        grid_h = image_hw[0] // self.config.vision.patch_size
+        tokens = pixel_shuffle(vision_hidden[:, 1:], grid_h, self.config.shuffle_factor)  # CLS dropped
+        return self.multi_modal_projector(tokens)
 
     def merge_image_embeddings(self, input_ids: jax.Array, image_embeds: jax.Array) -> jax.Array:
         """Embed int[B, T] and overwrite the <IMG_CONTEXT> positions, in row-major order, by float[N, Q, D].
@@ -102,7 +101,7 @@ class InternVL(nnx.Module):
         if image_token_id is None:
             raise ValueError("config.image_token_id is None: pass the id of <IMG_CONTEXT>")
         embeds = self.language_model.embed(input_ids)
-        flat = image_embeds.reshape(-1, image_embeds.shape[-1]).astype(embeds.dtype)
+        flat = einops.rearrange(image_embeds, "N Q D -> (N Q) D").astype(embeds.dtype)
         if not isinstance(input_ids, jax.core.Tracer):
             found = count_image_tokens(input_ids, image_token_id)
             if found != flat.shape[0]:

@@ -1,17 +1,18 @@
-"""Building blocks shared by InternViT and Qwen2.
+"""Building blocks shared by InternViT, Qwen2 and the task heads.
 
 Shape legend: B batch, T query length, S key length, N query heads, K kv heads, G = N // K query heads per kv
 head, H head dim, D model width, F MLP width.
 
-Every parameter carries logical axis names (`out_sharding` metadata via `nnx.with_partitioning`); stacked layers
-get a leading 'layers' axis from the `nnx.vmap` that builds them. Parameters are stored in `param_dtype` and
-cast to the compute `dtype` where they are used.
+Every parameter carries logical axis names (`out_sharding` metadata, see `axes`); stacked layers get a leading
+'layers' axis from the `nnx.vmap` that builds them (`stacked`) and run under `nnx.scan` (`scan_layers`).
+Parameters are stored in `param_dtype` and cast to the compute `dtype` where they are used.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,31 +24,34 @@ Names = Sequence[str | None]
 _MASK_VALUE = -1e30
 
 
+def axes(names: Names) -> dict:
+    """Variable metadata naming a parameter's logical axes; no eager sharding (the trainer shards)."""
+    return dict(out_sharding=tuple(names), eager_sharding=False)
+
+
 def param(rngs: nnx.Rngs, init, shape, dtype, names: Names) -> nnx.Param:
-    """A parameter with logical axis names; no eager sharding (sharding is applied by the trainer)."""
-    init = nnx.with_partitioning(init, tuple(names), eager_sharding=False)
-    return nnx.Param(init(rngs.params(), shape, dtype))
+    """A parameter `init(key, shape, dtype)` with logical axis names."""
+    return nnx.Param(init(rngs.params(), shape, dtype), **axes(names))
 
 
-class Dense(nnx.Module):
-    """y = x @ kernel (+ bias). kernel float[in, out] (torch Linear weight transposed)."""
+class Linear(nnx.Linear):
+    """`nnx.Linear` with logical axis names: y = x @ kernel + bias, computed in `dtype`.
+
+    kernel float[in, out] (the torch Linear weight transposed) named `names`, bias float[out] named `names[-1]`.
+    """
 
     def __init__(self, in_features: int, out_features: int, names: Names, *, use_bias: bool = True,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.dtype = dtype
-        self.kernel = param(rngs, nnx.initializers.lecun_normal(), (in_features, out_features), param_dtype, names)
-        self.bias = (param(rngs, nnx.initializers.zeros_init(), (out_features,), param_dtype, names[-1:])
-                     if use_bias else None)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+        names = tuple(names)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs, kernel_metadata=axes(names), bias_metadata=axes(names[-1:]))
 
 
 class LayerNorm(nnx.Module):
-    """torch nn.LayerNorm: statistics in float32, then scale and bias."""
+    """torch nn.LayerNorm: statistics in float32, then scale and bias.
+
+    (Not `nnx.LayerNorm`: that one folds the scale into rsqrt(var + eps) before multiplying, a different rounding.)
+    """
 
     def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
                  names: Names = ("embed",)):
@@ -65,7 +69,10 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Qwen2 / InternRMSNorm: x * rsqrt(mean(x^2) + eps) in float32, cast back, THEN times the weight."""
+    """Qwen2 / InternRMSNorm: x * rsqrt(mean(x^2) + eps) in float32, cast back, THEN times the weight.
+
+    (Not `nnx.RMSNorm`: that one multiplies by the weight before casting back.)
+    """
 
     def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
                  names: Names = ("embed",)):
@@ -78,6 +85,32 @@ class RMSNorm(nnx.Module):
         return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
 
+def stacked(make, num_layers: int, rngs: nnx.Rngs):
+    """`num_layers` copies of the module `make(rngs)`, parameters stacked on a leading 'layers' axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(r):
+        return make(r)
+
+    return build(rngs)
+
+
+def scan_layers(body, carry, stack: nnx.Module, *xs, remat: bool = False):
+    """Runs the layers of a `stacked` module in order with `nnx.scan`.
+
+    body(carry, layer, *x) -> (carry, y), called with each layer and its slices of `xs` (leading axis L).
+    Returns (final carry, the y's stacked on L). remat: recompute each layer's activations in the backward pass
+    (less memory). As every NNX transform, it needs the module's Variables from the current trace: inside a
+    `jax.lax` loop or `jax.vmap`, merge the model in the body (`nnx.merge(..., copy=True)`), not outside it.
+    """
+    if remat:
+        body = nnx.remat(body)
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0) + (0,) * len(xs), out_axes=(nnx.Carry, 0),
+                    transform_metadata={nnx.PARTITION_NAME: "layers"})
+    return scan(carry, stack, *xs)
+
+
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, as torch nn.GELU() / ACT2FN['gelu']."""
     return jax.nn.gelu(x, approximate=False)
@@ -88,51 +121,50 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     """Scaled dot-product attention with grouped kv heads; softmax in float32.
 
     q float[B, T, N, H], k/v float[B, S, K, H], mask bool[B, T, S] (True = attend) or None -> float[B, T, N, H].
+    Query head n uses kv head n // G (heads grouped as N = (K G)).
     implementation: 'map' (2-D GEMMs mapped over (batch, kv head) with lax.map; fastest on CPU), 'einsum'
     (batched einsum), 'xla'/'cudnn' (jax.nn.dot_product_attention). None picks 'map' on CPU, 'xla' elsewhere.
     """
     if implementation is None:
         implementation = "map" if jax.default_backend() == "cpu" else "xla"
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
-    scale = h ** -0.5
+    kh = k.shape[2]
+    g = q.shape[2] // kh
+    scale = q.shape[-1] ** -0.5
     if implementation in ("xla", "cudnn"):
         bias_mask = None if mask is None else mask[:, None, :, :]
         return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, scale=scale, implementation=implementation)
 
-    # Queries of one kv group stacked into one matrix: [B, K, G*T, H] against [B, K, S, H].
-    qg = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-    kt = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    vt = v.transpose(0, 2, 1, 3)
+    # The G query heads of one kv head are stacked into one matrix of Q = G*T rows: one [Q, H] x [H, S] product
+    # per (batch, kv head).
+    qg = einops.rearrange(q, "B T (K G) H -> B K (G T) H", K=kh)
+    kt = einops.rearrange(k, "B S K H -> B K S H")
+    vt = einops.rearrange(v, "B S K H -> B K S H")
 
     def one(qi, ki, vi, mi):
-        # qi [G*T, H], ki/vi [S, H], mi [T, S] or None
-        sc = jnp.dot(qi, ki.T, preferred_element_type=jnp.float32) * scale  # [G*T, S]
+        # qi [Q, H], ki/vi [S, H], mi bool[T, S] or None
+        sc = jnp.einsum("QH,SH->QS", qi, ki, preferred_element_type=jnp.float32) * scale
         if mi is not None:
-            sc = jnp.where(jnp.tile(mi, (g, 1)), sc, _MASK_VALUE)
+            sc = jnp.where(einops.repeat(mi, "T S -> (G T) S", G=g), sc, _MASK_VALUE)
         p = jax.nn.softmax(sc, axis=-1).astype(vi.dtype)
-        return jnp.dot(p, vi)  # [G*T, H]
+        return jnp.einsum("QS,SH->QH", p, vi)
 
     if implementation == "map":
-        qf = qg.reshape(b * kh, g * t, h)
-        kf = kt.reshape(b * kh, s, h)
-        vf = vt.reshape(b * kh, s, h)
+        flat = lambda x: einops.rearrange(x, "B K R H -> (B K) R H")  # noqa: E731
         if mask is None:
-            out = jax.lax.map(lambda a: one(*a, None), (qf, kf, vf))
+            out = jax.lax.map(lambda a: one(*a, None), (flat(qg), flat(kt), flat(vt)))
         else:
-            mf = jnp.broadcast_to(mask[:, None], (b, kh, t, s)).reshape(b * kh, t, s)
-            out = jax.lax.map(lambda a: one(*a), (qf, kf, vf, mf))
+            mf = einops.repeat(mask, "B T S -> (B K) T S", K=kh)
+            out = jax.lax.map(lambda a: one(*a), (flat(qg), flat(kt), flat(vt), mf))
+        out = einops.rearrange(out, "(B K) Q H -> B K Q H", K=kh)
     elif implementation == "einsum":
-        sc = jnp.einsum("bkqh,bksh->bkqs", qg, kt, preferred_element_type=jnp.float32) * scale
+        sc = jnp.einsum("BKQH,BKSH->BKQS", qg, kt, preferred_element_type=jnp.float32) * scale
         if mask is not None:
-            sc = jnp.where(jnp.tile(mask[:, None], (1, 1, g, 1)), sc, _MASK_VALUE)
+            sc = jnp.where(einops.repeat(mask, "B T S -> B () (G T) S", G=g), sc, _MASK_VALUE)
         p = jax.nn.softmax(sc, axis=-1).astype(vt.dtype)
-        out = jnp.einsum("bkqs,bksh->bkqh", p, vt)
+        out = jnp.einsum("BKQS,BKSH->BKQH", p, vt)
     else:
         raise ValueError(f"attention implementation must be map|einsum|xla|cudnn, got {implementation!r}")
-    out = out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H]
-    return out.reshape(b, t, n, h)
+    return einops.rearrange(out, "B K (G T) H -> B T (K G) H", G=g)
 
 
 # ---- bicubic resize matching torch F.interpolate(mode="bicubic", align_corners=False) -------------------------

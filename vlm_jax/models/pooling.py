@@ -11,6 +11,7 @@ Text (`pool_text`, over LM hidden states float[B, T, D] with a 0/1 mask, right o
   mean  the mean over valid tokens;
   first the first valid token. In a causal LM it has seen only itself, so it carries no caption meaning; kept to
         reproduce the seed recipe, and a warning is logged when chosen.
+`l2_normalize` puts pooled vectors on the unit sphere.
 """
 
 import logging
@@ -18,6 +19,8 @@ import logging
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from vlm_jax.models import layers
 
 VISION_POOLING = ("cls", "mean", "map")
 TEXT_POOLING = ("last", "mean", "first")
@@ -32,6 +35,13 @@ def check_pooling(vision: str, text: str) -> None:
     if text == "first":
         logging.warning("text_pool='first': in a causal LM the first token sees only itself, so the text embedding "
                         "does not depend on the caption. Use 'last' or 'mean' unless reproducing the seed recipe.")
+
+
+def l2_normalize(x, axis=-1, eps=1e-6):
+    """x / max(||x||, eps) along `axis`, in float32; a zero vector stays zero with a finite gradient."""
+    x = x.astype(jnp.float32)
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def last_valid_index(mask):
@@ -80,11 +90,17 @@ class MAPHead(nnx.Module):
     def __init__(self, width: int, num_heads: int, mlp_ratio: int = 4, *, rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"map pooling: vision width {width} is not divisible by map_num_heads {num_heads}")
-        self.probe = nnx.Param(nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, width), jnp.float32))
-        self.attention = nnx.MultiHeadAttention(num_heads, width, decode=False, rngs=rngs)
-        self.norm = nnx.LayerNorm(width, rngs=rngs)
-        self.mlp_in = nnx.Linear(width, mlp_ratio * width, rngs=rngs)
-        self.mlp_out = nnx.Linear(mlp_ratio * width, width, rngs=rngs)
+        self.probe = layers.param(rngs, nnx.initializers.xavier_uniform(), (1, 1, width), jnp.float32,
+                                  (None, None, "embed"))
+        # q/k/v kernels float[D, N, D/N], output kernel float[N, D/N, D].
+        self.attention = nnx.MultiHeadAttention(
+            num_heads, width, decode=False, rngs=rngs,
+            kernel_metadata=layers.axes(("embed", "heads", None)), bias_metadata=layers.axes(("heads", None)),
+            out_kernel_metadata=layers.axes(("heads", None, "embed")), out_bias_metadata=layers.axes(("embed",)))
+        self.norm = nnx.LayerNorm(width, rngs=rngs, scale_metadata=layers.axes(("embed",)),
+                                  bias_metadata=layers.axes(("embed",)))
+        self.mlp_in = layers.Linear(width, mlp_ratio * width, ("embed", "mlp"), rngs=rngs)
+        self.mlp_out = layers.Linear(mlp_ratio * width, width, ("mlp", "embed"), rngs=rngs)
 
     def __call__(self, tokens):
         tokens = tokens.astype(jnp.float32)

@@ -11,13 +11,13 @@ A call with `cache` writes its T tokens at slots index .. index+T-1 and attends 
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from vlm_jax.models import layers
 from vlm_jax.models.config import TextConfig
-from vlm_jax.models.intern_vit import stacked
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -43,21 +43,20 @@ class Qwen2Attention(nnx.Module):
         self.cfg = cfg
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = layers.Dense(d, n * h, ("embed", "heads"), **kw)
-        self.k_proj = layers.Dense(d, k * h, ("embed", "kv"), **kw)
-        self.v_proj = layers.Dense(d, k * h, ("embed", "kv"), **kw)
-        self.o_proj = layers.Dense(n * h, d, ("heads", "embed"), use_bias=False, **kw)
+        self.q_proj = layers.Linear(d, n * h, ("embed", "heads"), **kw)
+        self.k_proj = layers.Linear(d, k * h, ("embed", "kv"), **kw)
+        self.v_proj = layers.Linear(d, k * h, ("embed", "kv"), **kw)
+        self.o_proj = layers.Linear(n * h, d, ("heads", "embed"), use_bias=False, **kw)
 
     def __call__(self, x, cos, sin, mask, cache_kv=None, index=None, implementation=None):
         """x float[B, T, D]; mask bool[B, T, S]; cache_kv (k, v) float[B, S, K, H] or None.
 
         Returns (float[B, T, D], updated (k, v) or None).
         """
-        b, t, _ = x.shape
-        cfg = self.cfg
-        q = apply_rope(self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        heads = lambda y: einops.rearrange(y, "B T (heads H) -> B T heads H", H=self.cfg.head_dim)  # noqa: E731
+        q = apply_rope(heads(self.q_proj(x)), cos, sin)
+        k = apply_rope(heads(self.k_proj(x)), cos, sin)
+        v = heads(self.v_proj(x))
         new_kv = None
         if cache_kv is not None:
             ck, cv = cache_kv
@@ -66,7 +65,7 @@ class Qwen2Attention(nnx.Module):
             new_kv = (ck, cv)
             k, v = ck.astype(q.dtype), cv.astype(q.dtype)
         o = layers.attention(q, k, v, mask, implementation=implementation)
-        return self.o_proj(o.reshape(b, t, -1)), new_kv
+        return self.o_proj(einops.rearrange(o, "B T N H -> B T (N H)")), new_kv
 
 
 class Qwen2MLP(nnx.Module):
@@ -74,9 +73,9 @@ class Qwen2MLP(nnx.Module):
 
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = layers.Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-        self.up_proj = layers.Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-        self.down_proj = layers.Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+        self.gate_proj = layers.Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = layers.Linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = layers.Linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -105,8 +104,8 @@ class Qwen2(nnx.Module):
         self.remat = False  # True: recompute each layer's activations in the backward pass (saves memory).
         self.embed_tokens = layers.param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
                                          param_dtype, ("vocab", "embed"))
-        self.layers = stacked(lambda r: Qwen2Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
-                              cfg.num_layers, rngs)
+        self.layers = layers.stacked(lambda r: Qwen2Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+                                     cfg.num_layers, rngs)
         self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
                                    rngs=rngs)
 
@@ -150,21 +149,18 @@ class Qwen2(nnx.Module):
         # Causal over slots + key padding.
         mask = (key_slots[None, None, :] <= slots[None, :, None]) & key_valid[:, None, :]  # [B, T, S]
 
-        graphdef, state = nnx.split(self.layers)
         impl = self.attention_impl
         if cache is None:
-            def body(h, layer_state):
-                h, _ = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, implementation=impl)
+            def body(h, layer: Qwen2Layer):
+                h, _ = layer(h, cos, sin, mask, implementation=impl)
                 return h, None
 
-            x, _ = jax.lax.scan(jax.checkpoint(body) if self.remat else body, x, state)
+            x, _ = layers.scan_layers(body, x, self.layers, remat=self.remat)
             new_cache = None
         else:
-            def body(h, xs):
-                layer_state, ck, cv = xs
-                h, (ck, cv) = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, (ck, cv), start, impl)
-                return h, (ck, cv)
+            def body(h, layer: Qwen2Layer, ck, cv):
+                return layer(h, cos, sin, mask, (ck, cv), start, impl)
 
-            x, (nk, nv) = jax.lax.scan(body, x, (state, cache["k"], cache["v"]))
+            x, (nk, nv) = layers.scan_layers(body, x, self.layers, cache["k"], cache["v"])
             new_cache = dict(k=nk, v=nv, mask=key_valid, index=start + t)
         return self.norm(x), new_cache

@@ -21,8 +21,10 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from vlm_jax.checkpoints import converted
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -33,14 +35,14 @@ def make_manager(workdir: str, ckpt_cfg) -> ocp.CheckpointManager:
     ckpt_cfg fields: every_steps, keep, best_metric ('' = keep the latest ones), best_mode ('max'|'min'),
     async_save.
     """
-    best = ckpt_cfg.get("best_metric", "") or ""
+    best = ckpt_cfg.best_metric
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=int(ckpt_cfg.get("keep", 2)),
-        save_interval_steps=int(ckpt_cfg.get("every_steps", 1000)),
+        max_to_keep=ckpt_cfg.keep,
+        save_interval_steps=ckpt_cfg.every_steps,
         best_fn=(lambda metrics: float(metrics[best])) if best else None,
-        best_mode=ckpt_cfg.get("best_mode", "max"),
+        best_mode=ckpt_cfg.best_mode,
         keep_checkpoints_without_metrics=True,
-        enable_async_checkpointing=bool(ckpt_cfg.get("async_save", True)),
+        enable_async_checkpointing=ckpt_cfg.async_save,
         create=True,
     )
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR)), options=options)
@@ -94,12 +96,15 @@ def is_run_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR))
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of the finished checkpoints in a run's workdir ([] when there are none)."""
+    return list(ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINT_SUBDIR)))
+
+
 def restore_modules(init_from: str, abstract_model, keys=("backbone",)) -> dict:
     """Parameters of the top-level model modules ``keys`` from a stage-1 workdir (its latest checkpoint) or, for
     ``("backbone",)``, from a converted checkpoint directory. Returns ``{key: nnx.State}`` with the structure,
     shardings and dtypes of ``abstract_model[key]`` (parameters only)."""
-    from flax import nnx
-
     if not os.path.isdir(init_from):
         raise ValueError(f"config.init_from={init_from!r} is not a directory (expected a training workdir with "
                          f"'{CHECKPOINT_SUBDIR}/' or a converted checkpoint from `python -m vlm_jax.convert`).")
@@ -110,7 +115,7 @@ def restore_modules(init_from: str, abstract_model, keys=("backbone",)) -> dict:
     target = {k: abstract_model[k] if isinstance(abstract_model[k], nnx.Variable)
               else nnx.split_state(abstract_model[k], nnx.Param, ...)[0] for k in keys}
     if is_run_dir(init_from):
-        steps = ocp.utils.checkpoint_steps(os.path.join(init_from, CHECKPOINT_SUBDIR))
+        steps = checkpoint_steps(init_from)
         if not steps:
             raise ValueError(f"config.init_from={init_from!r} has no finished checkpoint.")
         item = os.path.join(os.path.abspath(init_from), CHECKPOINT_SUBDIR, str(max(steps)), "model")
@@ -118,41 +123,10 @@ def restore_modules(init_from: str, abstract_model, keys=("backbone",)) -> dict:
     if tuple(keys) != ("backbone",):
         raise ValueError(f"config.init_from={init_from!r} is a converted backbone; only init_from_keys=('backbone',) "
                          f"can come from it, got {tuple(keys)}.")
-    return {"backbone": restore_converted(init_from, target["backbone"])}
-
-
-def converted_config(path: str):
-    """The InternVLConfig stored with a converted checkpoint (``python -m vlm_jax.convert``)."""
-    from vlm_jax.checkpoints import converted, hf
-    from vlm_jax.models.config import InternVLConfig
-
-    with open(os.path.join(path, converted.CONFIG_FILE)) as f:
-        meta = json.load(f)
-    if meta.get("format") != converted.FORMAT:
-        raise ValueError(f"{path}: unknown converted format {meta.get('format')!r}, expected {converted.FORMAT!r}.")
-    config = InternVLConfig.from_dict(meta["config"])
-    if config.image_token_id is None:
-        found = hf.tokenizer_token_id(path)
-        if found is None:
-            raise ValueError(f"{path}: no image_token_id in {converted.CONFIG_FILE} or the tokenizer files.")
-        config = config.replace(image_token_id=found)
-    return config
-
-
-def restore_converted(path: str, abstract_backbone):
-    """Backbone parameters from a converted checkpoint, read directly into the shardings and dtypes of
-    ``abstract_backbone`` (an abstract nnx.State of the InternVL module)."""
-    from flax import nnx
-    from vlm_jax.checkpoints import converted
-
-    if not converted.is_converted(path):
-        raise ValueError(f"{path}: neither a training workdir nor a converted checkpoint ({converted.CONFIG_FILE}).")
-    target = nnx.to_pure_dict(abstract_backbone)
-    with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(os.path.join(os.path.abspath(path), "params"), target)
-    state = jax.tree.map(lambda x: x, abstract_backbone)
-    nnx.replace_by_pure_dict(state, restored)
-    return state
+    if not converted.is_converted(init_from):
+        raise ValueError(f"config.init_from={init_from!r}: neither a training workdir ('{CHECKPOINT_SUBDIR}/') nor a "
+                         f"converted checkpoint ({converted.CONFIG_FILE}).")
+    return {"backbone": converted.restore_params(init_from, target["backbone"])}
 
 
 def restore_or_init(manager: ocp.CheckpointManager, *, init_from: str, abstract_model, abstract_train,
@@ -173,8 +147,6 @@ def restore_or_init(manager: ocp.CheckpointManager, *, init_from: str, abstract_
         return model, train, int(latest), f"resume:{latest}"
     model = init_model()
     if init_from:
-        from flax import nnx
-
         # Parameters only: other variables (if any) keep their initial values.
         for key, restored in restore_modules(init_from, abstract_model, init_from_keys).items():
             model[key] = restored if isinstance(restored, nnx.Variable) else nnx.merge_state(model[key], restored)
@@ -186,7 +158,7 @@ def restore_or_init(manager: ocp.CheckpointManager, *, init_from: str, abstract_
 
 
 def read_meta(workdir: str, step: int | None = None) -> dict:
-    base = os.path.join(workdir, CHECKPOINT_SUBDIR)
-    step = max(ocp.utils.checkpoint_steps(base)) if step is None else step
-    with open(os.path.join(base, str(step), "meta", "metadata")) as f:
+    """The JSON ``meta`` item of checkpoint ``step`` (default: the latest)."""
+    step = max(checkpoint_steps(workdir)) if step is None else step
+    with open(os.path.join(workdir, CHECKPOINT_SUBDIR, str(step), "meta", "metadata")) as f:
         return json.load(f)

@@ -1,5 +1,8 @@
 """Tokenizers: the checkpoint's own (offline) and a small deterministic demo tokenizer for tests and the demo.
 
+The tokenizer belongs to the model: its ids size the embedding table and name the image token, so the model side
+chooses it (`make_tokenizer`) and the data side takes it from there.
+
 The demo tokenizer is a byte-level BPE like Qwen2's: any text encodes (unknown words fall back to bytes) and decodes
 back exactly; every given word becomes a single token. It carries InternVL's special tokens and names them the way
 transformers' `InternVLProcessor` expects (`start_image_token`, `context_image_token`, ...), so the two can be
@@ -34,6 +37,21 @@ _NAMED_TOKENS = {
 }
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+# The demo tokenizer's words: everything a `spatial_shapes` caption says ("the red circle is left of the blue
+# square"), so each caption word is one token. Other datasets still encode (byte fallback), only longer.
+DEMO_WORDS = (
+    "above", "around", "below", "blue", "circle", "cross", "green", "inside", "is", "left", "of", "orange",
+    "purple", "red", "right", "square", "the", "triangle", "yellow",
+)
+
+
+def make_tokenizer(spec: str) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer `spec` names: "demo" = `build_demo_tokenizer(DEMO_WORDS)`, else a directory with tokenizer
+    files (a converted checkpoint's; see `load_tokenizer`)."""
+    if spec == "demo":
+        return build_demo_tokenizer(DEMO_WORDS)
+    return load_tokenizer(spec)
 
 
 def _byte_level_pieces(word: str) -> list[str]:

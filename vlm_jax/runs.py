@@ -1,0 +1,121 @@
+"""A run's pieces outside the train loop: its data iterators, evaluating a state on a split, and restoring a run
+from its workdir for evaluation (``--mode eval``, the notebooks and the figure scripts all use `restore_run`).
+
+    run = restore_run(workdir)               # latest checkpoint, with the config it was trained with
+    results = evaluate_split(run, "test")    # {metric: float}, the names of metrics.jsonl
+    collected = collect_split(run, "test")   # per-example host arrays: embeddings, predicted boxes, labels, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from vlm_jax import evaluate, sharding
+from vlm_jax.checkpoints import run as run_checkpoints
+from vlm_jax.models import build
+from vlm_jax.trainer import Trainer, TrainState, make_trainer
+
+
+def model_inputs(backbone: build.Backbone):
+    """What the data pipeline takes from the model: tokenizer, tile size, image tokens per tile."""
+    from vlm_jax.data import pipeline  # the TensorFlow-backed data stack loads only when data is read
+
+    return pipeline.ModelInputs.from_model(backbone.config, backbone.tokenizer)
+
+
+def make_data(config, inputs, split: str, *, train: bool):
+    """This process's iterator of host batches (its share of ``config.batch_size`` / ``eval_batch_size``)."""
+    from vlm_jax.data import pipeline
+
+    return pipeline.make_iterator(config.data, inputs, split=split, train=train,
+                                  global_batch_size=config.batch_size if train else config.eval_batch_size,
+                                  seed=config.seed, shard_index=jax.process_index(),
+                                  shard_count=jax.process_count())
+
+
+def collect_state(trainer: Trainer, state: TrainState, config, inputs, split: str) -> dict:
+    """Per-example host outputs and batch fields of ``split`` (valid rows only) + ``loss_terms``."""
+    local = config.eval_batch_size // jax.process_count()
+    return evaluate.collect(lambda b: trainer.eval_step(state, b), make_data(config, inputs, split, train=False),
+                            local, lambda b: sharding.global_batch(b, trainer.mesh))
+
+
+def evaluate_state(trainer: Trainer, state: TrainState, config, inputs, split: str) -> dict[str, float]:
+    """Every task's metrics on ``split``."""
+    return evaluate.compute_metrics(trainer.tasks.values(), collect_state(trainer, state, config, inputs, split))
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A checkpoint of a run, restored onto the current devices."""
+
+    config: ml_collections.ConfigDict
+    step: int
+    meta: dict[str, Any]  # 'source': where the run's initial weights came from; 'config': the stored config
+    trainer: Trainer
+    state: TrainState
+    inputs: Any  # data.pipeline.ModelInputs
+
+    @property
+    def model(self) -> nnx.Module:
+        """The multitask model with the restored weights (for calls outside the jitted eval step)."""
+        return self.trainer.model(self.state)
+
+
+def restore_run(workdir: str, step: int | None = None, config: ml_collections.ConfigDict | None = None
+                ) -> RestoredRun:
+    """Restores the checkpoint ``step`` (default: the latest) of the run in ``workdir``.
+
+    ``config`` defaults to the one stored with the checkpoint (what the run was trained with); pass one to
+    evaluate with other evaluation settings (e.g. splits, batch size), the model and tasks must stay the same.
+    """
+    steps = run_checkpoints.checkpoint_steps(workdir)
+    if not steps:
+        raise ValueError(f"{workdir!r} holds no finished checkpoint (expected {run_checkpoints.CHECKPOINT_SUBDIR}/"
+                         f"<step>/ from a training run).")
+    step = max(steps) if step is None else int(step)
+    if step not in steps:
+        raise ValueError(f"{workdir!r} has no checkpoint at step {step}; it has steps {sorted(steps)}.")
+    meta = run_checkpoints.read_meta(workdir, step)
+    if config is None:
+        config = ml_collections.ConfigDict(json.loads(meta["config"]))
+    mesh = sharding.make_mesh(config.mesh)
+    backbone = build.resolve_backbone(config.model)
+    # The schedules' length does not change any restored array: one step is enough to build the optimizer.
+    trainer = make_trainer(config, mesh, 1, backbone.config)
+    manager = run_checkpoints.make_manager(workdir, config.checkpoint)
+    model_state, items, _ = run_checkpoints.restore(manager, step, trainer.abstract_model,
+                                                    trainer.abstract_train_items())
+    return RestoredRun(config=config, step=step, meta=meta, trainer=trainer,
+                       state=trainer.assemble(model_state, items), inputs=model_inputs(backbone))
+
+
+def evaluate_split(run: RestoredRun, split: str) -> dict[str, float]:
+    return evaluate_state(run.trainer, run.state, run.config, run.inputs, split)
+
+
+def collect_split(run: RestoredRun, split: str) -> dict:
+    return collect_state(run.trainer, run.state, run.config, run.inputs, split)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+    """``--mode eval``: evaluates a checkpoint of ``workdir`` on ``config.eval_splits`` and appends the results to
+    its metrics.jsonl (``mode="eval"``). Never builds the training split."""
+    from vlm_jax.run_logging import RunLog
+
+    run = restore_run(workdir, step, config)
+    log = RunLog(workdir)
+    results = {}
+    for split in config.eval_splits:
+        results[split] = evaluate_split(run, split)
+        logging.info("step %d %s: %s", run.step, split, results[split])
+        log.evaluation(run.step, split, results[split], mode="eval")
+    log.flush()
+    return results

@@ -1,0 +1,111 @@
+"""What a task is: one unit that owns its head parameters, its loss terms, its evaluation metrics and the batch
+fields it reads. The multitask model runs the backbone once and hands the shared `Features` to every configured task.
+
+A task is an `nnx.Module` subclass of `Task` with
+  name               its key in `config.tasks` and the prefix of its logged terms (`itm`, `itm_acc`, ...);
+  batch_fields       batch keys its loss and metrics read (collected per example for evaluation);
+  eval_outputs       keys of its outputs collected per example for evaluation (leading axis = batch rows);
+  last_value_terms   loss terms logged as their last value instead of the mean over the logging window;
+  __init__(cfg, widths, *, rngs)        cfg = config.tasks.<name>, widths = `Widths` of the shared features;
+  __call__(features, batch, *, train)   -> dict of outputs;
+  loss(outputs, batch, valid)           -> dict of float32[] terms, "loss" being what the task optimises;
+  metrics(collected)                    -> {name: float} over a split's collected outputs and batch fields.
+`config.tasks.<name>.weight` scales the task's "loss" in the total.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Widths:
+    """Widths of the shared features: vision tower Dv, language model D, embeddings E, fused pair features F."""
+
+    vision: int
+    text: int
+    embed: int
+    fused: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """What the backbone and the shared embedding layers computed for one batch (B rows).
+
+    vision_hidden  float[B, 1+P, Dv]  ViT output (CLS first)
+    patch_grid     float32[P, 2]      (x, y) centre of each patch in normalised image coordinates
+    image_emb      float32[B, E]      unit-norm image embeddings
+    text_emb       float32[B, E]      unit-norm caption embeddings
+    logit_scale    float32[]          contrastive temperature (exp of the learned log-scale, clipped)
+    fused          float32[B, F]      fused features of the matching pairs (image i, caption i)
+    fuse           (int[N] image rows, int[N] caption rows) -> float32[N, F]: fused features of other pairs
+    valid          bool[B]            False on evaluation padding rows (they count nowhere)
+    image_id       int[B] or None     rows with equal ids show the same image
+    rng            PRNG key or None   for sampling in training (None in evaluation: deterministic)
+    """
+
+    vision_hidden: jax.Array
+    patch_grid: jax.Array
+    image_emb: jax.Array
+    text_emb: jax.Array
+    logit_scale: jax.Array
+    fused: jax.Array
+    fuse: Callable[[jax.Array, jax.Array], jax.Array]
+    valid: jax.Array
+    image_id: jax.Array | None
+    rng: jax.Array | None
+
+
+class Task(nnx.Module):
+    """Base class of the tasks; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    batch_fields: ClassVar[tuple[str, ...]] = ()
+    eval_outputs: ClassVar[tuple[str, ...]] = ()
+    last_value_terms: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: ml_collections.ConfigDict, widths: Widths, *, rngs: nnx.Rngs):
+        self.weight = float(cfg.weight)
+
+    def __call__(self, features: Features, batch: Mapping[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+             valid: jax.Array) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def metrics(self, collected: Mapping[str, np.ndarray]) -> dict[str, float]:
+        return {}
+
+
+def prefixed_terms(name: str, terms: Mapping[str, Any]) -> dict[str, Any]:
+    """A task's terms as logged: "loss" -> name, other k -> name_k."""
+    return {name if k == "loss" else f"{name}_{k}": v for k, v in terms.items()}
+
+
+def batch_valid(batch: Mapping[str, jax.Array], rows: int) -> jax.Array:
+    """bool[B]: the batch's `valid` field (False on evaluation padding rows), all True when absent."""
+    return batch["valid"].astype(bool) if "valid" in batch else jnp.ones(rows, bool)
+
+
+def total_loss(tasks: Mapping[str, Task], outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
+    """(float32[] sum over tasks of weight * task loss, {term: float32[]}) with terms `<task>`, `<task>_<term>`
+    and `total`. Padding rows (`batch["valid"]` False) count in no task."""
+    rows = next(iter(batch.values())).shape[0]
+    valid = batch_valid(batch, rows)
+    total = jnp.zeros((), jnp.float32)
+    terms = {}
+    for name, task in tasks.items():
+        task_terms = task.loss(outputs, batch, valid)
+        total = total + task.weight * task_terms["loss"]
+        terms.update(prefixed_terms(name, task_terms))
+    terms["total"] = total
+    return total, terms

@@ -1,0 +1,55 @@
+"""Image-text contrastive retrieval (ITC): symmetric InfoNCE over the batch, recall@K over a split.
+
+Owns no head: it trains the shared embeddings (`Features.image_emb`, `text_emb`, `logit_scale`).
+Config (`config.tasks.itc`): weight; matryoshka (weight of the mean loss over the nested widths `matryoshka_dims`,
+0 = off).
+Evaluation: captions of the same image share an `image_id`; images are deduplicated by id and every caption counts
+as a positive of its image (the multi-caption COCO protocol). Chance levels are reported as `chance/...`.
+"""
+
+import numpy as np
+
+from vlm_jax import losses, metrics
+from vlm_jax.models.pooling import l2_normalize
+from vlm_jax.tasks.base import Task
+
+
+class ContrastiveTask(Task):
+    name = "itc"
+    batch_fields = ("image_id",)
+    eval_outputs = ("image_emb", "text_emb")
+    last_value_terms = ("logit_scale",)
+
+    def __init__(self, cfg, widths, *, rngs):
+        super().__init__(cfg, widths, rngs=rngs)
+        self.matryoshka = float(cfg.matryoshka)
+        self.matryoshka_dims = tuple(int(d) for d in cfg.matryoshka_dims)
+        if self.matryoshka and any(d <= 0 or d > widths.embed for d in self.matryoshka_dims):
+            raise ValueError(f"tasks.itc.matryoshka_dims: expected widths in (0, {widths.embed}] (the embedding "
+                             f"width), got {self.matryoshka_dims}")
+
+    def __call__(self, features, batch, *, train):
+        return {"image_emb": features.image_emb, "text_emb": features.text_emb, "logit_scale": features.logit_scale}
+
+    def loss(self, outputs, batch, valid):
+        args = (outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"], batch.get("image_id"), valid)
+        itc = losses.contrastive_loss(*args)
+        terms = {"loss": itc["loss"], "i2t": itc["i2t"], "t2i": itc["t2i"], "logit_scale": outputs["logit_scale"]}
+        if self.matryoshka:
+            mrl = losses.matryoshka_contrastive_loss(*args[:3], self.matryoshka_dims, *args[3:])
+            terms["loss"] = itc["loss"] + self.matryoshka * mrl.pop("loss")
+            terms["contrastive"] = itc["loss"]
+            terms.update({f"matryoshka_{k}": v for k, v in mrl.items()})
+        return terms
+
+    def metrics(self, collected):
+        ids = collected["image_id"]
+        _, first, text_to_image = np.unique(ids, return_index=True, return_inverse=True)
+        image_emb = np.asarray(l2_normalize(collected["image_emb"][first]))
+        sim = image_emb @ np.asarray(l2_normalize(collected["text_emb"])).T  # [I, T]
+        out = {k.replace("@", "_r"): v for k, v in metrics.retrieval_recall(sim, text_to_image).items()}
+        num_images, num_texts = sim.shape
+        out["chance/i2t_r1"] = float(np.mean(np.bincount(text_to_image) / num_texts))
+        out["chance/t2i_r1"] = 1.0 / num_images
+        out["num_images"], out["num_texts"] = float(num_images), float(num_texts)
+        return out
