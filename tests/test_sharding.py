@@ -2,12 +2,12 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from fixtures import demo_config
 from vlm_jax import optim, sharding
 
 
@@ -68,7 +68,8 @@ def test_optimizer_state_follows_parameter_shardings():
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
     graphdef, state = init_sharded(lambda: Mlp(nnx.Rngs(0)), mesh)
     params = nnx.state(nnx.merge(graphdef, state), nnx.Param)
-    cfg = ml_collections.ConfigDict({"rules": ((".*", "all"),), "groups": {"all": {"lr": 1e-3}}, "accum_steps": 2})
+    cfg = demo_config().optim  # one group "all" for every parameter
+    cfg.accum_steps = 2
     tx = optim.make_optimizer(cfg, 10).tx
     abstract = jax.eval_shape(tx.init, params)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
