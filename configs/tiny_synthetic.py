@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.tiny = ml_collections.ConfigDict(dict(image_size=64))  # overrides of InternVLConfig.tiny
     c.model.dtype = "float32"  # backbone compute
     c.model.backbone_param_dtype = "float32"  # backbone storage
-    # Shared layers on the backbone's features (vlm_jax.models.multitask).
+    # Shared layers on the backbone's features (vlm_jax.multitask).
     c.model.embedding = ml_collections.ConfigDict(dict(
         adapter_dim=64,           # A: adapters Dv -> A and D -> A (seed recipe: 256)
         embed_dim=64,             # E: projectors A -> E (seed recipe: 256)

@@ -26,11 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
 from vlm_jax import optim, sharding
-from vlm_jax.models import build
+from vlm_jax import build
 from vlm_jax.trainer import Trainer, TrainState, make_trainer
 
 FLAGS = flags.FLAGS

@@ -9,7 +9,7 @@ import torch
 import jax
 import jax.numpy as jnp
 
-from tests import hf_fixtures
+import fixtures
 from vlm_jax import generation, inference, tokenizer
 from vlm_jax.data import preprocess
 from vlm_jax.pretrained import PretrainedInternVL, load_module
@@ -23,7 +23,7 @@ NEW = 12  # one max_new_tokens for most tests, so they share compiled programs
 def setup(tmp_path_factory):
     tok = tokenizer.build_demo_tokenizer(WORDS)
     # The fixture puts <IMG_CONTEXT> at vocab_size - 1, as the demo tokenizer does.
-    ckpt = hf_fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("gen"), "transformers",
+    ckpt = fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("gen"), "transformers",
                                                vocab_size=len(tok), seed=3)
     assert ckpt.image_token_id == tok.convert_tokens_to_ids(tokenizer.IMG_CONTEXT)
     model, _ = load_module(ckpt.path)
@@ -44,7 +44,7 @@ def _hf_generate(ckpt, ids, mask, px, new, eos):
 @pytest.mark.parametrize("with_images", [True, False])
 def test_greedy_matches_transformers(setup, with_images):
     tok, ckpt, model = setup
-    px, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(1, 2), length=20, padding="left", seed=1)
+    px, ids, mask = fixtures.padded_batch(ckpt, num_images=(1, 2), length=20, padding="left", seed=1)
     if not with_images:
         px = None
         ids = np.where(ids >= ckpt.vocab_size - 3, 5, ids)  # image tokens -> plain text
@@ -56,7 +56,7 @@ def test_greedy_matches_transformers(setup, with_images):
 
 def test_kv_cache_decode_equals_full_recomputation(setup):
     tok, ckpt, model = setup
-    px, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(2, 1), length=18, padding="left", seed=2)
+    px, ids, mask = fixtures.padded_batch(ckpt, num_images=(2, 1), length=18, padding="left", seed=2)
     got = generation.generate_ids(model, ids, mask, px, max_new_tokens=NEW, eos_token_id=NEVER, pad_token_id=0)
     # One cache-free forward over prompt + generated tokens (same positions: cumsum of the mask): greedy decoding
     # is right iff each generated token is the argmax of the full forward's logits one position earlier.
@@ -106,7 +106,7 @@ def test_generate_end_to_end_matches_transformers_and_stops_at_eos(setup):
 
 def test_no_recompile_within_a_bucket(setup):
     tok, ckpt, model = setup
-    _, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(0, 0), length=20, seed=3)
+    _, ids, mask = fixtures.padded_batch(ckpt, num_images=(0, 0), length=20, seed=3)
     generation.generate_ids(model, ids, mask, None, max_new_tokens=NEW, eos_token_id=NEVER, pad_token_id=0)
     compiled = lambda: (generation._prefill._cache_size(), generation._decode._cache_size())  # noqa: E731
     before = compiled()
@@ -121,7 +121,7 @@ def test_no_recompile_within_a_bucket(setup):
 
 def test_sampling_is_seeded_and_limits_reduce_to_greedy(setup):
     tok, ckpt, model = setup
-    _, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(0, 0), length=20, seed=4)
+    _, ids, mask = fixtures.padded_batch(ckpt, num_images=(0, 0), length=20, seed=4)
     run = lambda s: generation.generate_ids(model, ids, mask, None, max_new_tokens=NEW, eos_token_id=NEVER,
                                             pad_token_id=0, sampling=s)
     greedy = run(generation.SamplingParams())
@@ -158,7 +158,7 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError, match="left-padded"):
         generation.generate_ids(model, np.ones((2, 3)), np.asarray([[1, 1, 1], [1, 1, 0]]), None,
                                 max_new_tokens=2, eos_token_id=1, pad_token_id=0)
-    px, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(1, 1), length=12, padding="left", seed=5)
+    px, ids, mask = fixtures.padded_batch(ckpt, num_images=(1, 1), length=12, padding="left", seed=5)
     with pytest.raises(ValueError, match="<IMG_CONTEXT>"):
         generation.generate_ids(model, ids, mask, px[:1], max_new_tokens=2, eos_token_id=1, pad_token_id=0)
     with pytest.raises(ValueError, match="sample|tags"):

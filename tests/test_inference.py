@@ -5,7 +5,7 @@ import PIL.Image
 import pytest
 import torch
 
-from tests import hf_fixtures
+import fixtures
 from vlm_jax import inference, tokenizer
 from vlm_jax.data import preprocess
 from vlm_jax.data.prompt import PromptBuilder
@@ -19,7 +19,7 @@ ATOL = 2e-5  # float32 on both sides; unit-norm vectors
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tok = tokenizer.build_demo_tokenizer(WORDS)
-    ckpt = hf_fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("inf"), "transformers",
+    ckpt = fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("inf"), "transformers",
                                                vocab_size=len(tok), seed=5)
     model, _ = load_module(ckpt.path)
     rng = np.random.default_rng(0)

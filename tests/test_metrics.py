@@ -1,6 +1,5 @@
 """Metrics against brute force, hand-computed cases and direct formulas."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

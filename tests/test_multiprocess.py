@@ -1,12 +1,13 @@
 """Two processes on 127.0.0.1 with 4 fake CPU devices each train and evaluate the tiny config together."""
 
-import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from fixtures import demo_config, subprocess_xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_DATA = dict(num_train=256, num_validation=64, num_test=64)
@@ -22,10 +23,7 @@ def _build_dataset(data_dir: str) -> None:
     """Built once up front so that the two processes do not race to generate it."""
     from vlm_jax.data import pipeline
 
-    spec = importlib.util.spec_from_file_location("tiny_synthetic", REPO / "configs/tiny_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config().data
+    cfg = demo_config().data
     cfg.data_dir = data_dir
     cfg.builder_params.update(SMALL_DATA)
     pipeline.make_builder(cfg)
@@ -35,8 +33,7 @@ def test_two_processes_complete_the_tiny_config(tmp_path):
     data_dir = str(tmp_path / "tfds")
     _build_dataset(data_dir)
     port = _free_port()
-    flags = "--xla_force_host_platform_device_count=4 --xla_cpu_collective_timeout_seconds=900"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(4), JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO))
     workdir = tmp_path / "run"
     procs = []

@@ -14,7 +14,7 @@ from flax import nnx
 from fixtures import demo_config
 from vlm_jax import box_ops, losses
 from vlm_jax.models import InternVL, InternVLConfig, pooling
-from vlm_jax.models.multitask import MultitaskModel, late_fusion_features
+from vlm_jax.multitask import MultitaskModel, late_fusion_features
 from vlm_jax.tasks.heads import AttentionBoxHead, box_from_logits, patch_grid
 
 IMG_START, IMG_END, IMG_CONTEXT = 61, 62, 63

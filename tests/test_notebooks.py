@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
+from fixtures import subprocess_xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 TEXT_NOTEBOOKS = EXPERIMENTS / "notebooks"
@@ -51,7 +53,7 @@ def kernel_env(tmp_path_factory):
         "VLM_JAX_NOTEBOOK_DATA_DIR": str(root / "tfds"),
         "VLM_JAX_CHECKPOINT": "",
         "MPLBACKEND": "Agg",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": subprocess_xla_flags(1),
         "JAX_PLATFORMS": "cpu",
         "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",

@@ -15,7 +15,7 @@ from flax import nnx  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-import hf_fixtures  # noqa: E402
+import fixtures  # noqa: E402
 import vlm_jax  # noqa: E402
 from vlm_jax import convert, pretrained  # noqa: E402
 from vlm_jax.checkpoints import hf, mapping, random_hf  # noqa: E402
@@ -24,7 +24,7 @@ from vlm_jax.models import InternVLConfig  # noqa: E402
 
 @pytest.fixture(scope="module")
 def native(tmp_path_factory):
-    return hf_fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("native"), "transformers_native", seed=7)
+    return fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("native"), "transformers_native", seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_pickled_weights_refused(tmp_path, native):
 
 
 def test_image_token_id_sources(tmp_path):
-    ckpt = hf_fixtures.make_tiny_hf_checkpoint(tmp_path / "ogv", "opengvlab", seed=8)
+    ckpt = fixtures.make_tiny_hf_checkpoint(tmp_path / "ogv", "opengvlab", seed=8)
     # OpenGVLab layout: the config has no image_token_id; it comes from the tokenizer's <IMG_CONTEXT>.
     assert "image_token_id" not in json.load(open(os.path.join(ckpt.path, "config.json")))
     assert vlm_jax.load_pretrained(ckpt.path).image_token_id == ckpt.image_token_id
@@ -68,7 +68,7 @@ def test_image_token_id_sources(tmp_path):
 
 
 def test_bad_inputs(loaded, native):
-    px, ids, mask = hf_fixtures.padded_batch(native, num_images=(1, 1))
+    px, ids, mask = fixtures.padded_batch(native, num_images=(1, 1))
     with pytest.raises(ValueError, match="NCHW"):
         loaded(pixel_values=px.transpose(0, 3, 1, 2), input_ids=ids, attention_mask=mask)
     with pytest.raises(ValueError, match="4-D"):
@@ -82,7 +82,7 @@ def test_bad_inputs(loaded, native):
 
 
 def test_second_call_does_not_recompile(loaded, native):
-    px, ids, mask = hf_fixtures.padded_batch(native, num_images=(1, 1), seed=3)
+    px, ids, mask = fixtures.padded_batch(native, num_images=(1, 1), seed=3)
     first = loaded(pixel_values=px, input_ids=ids, attention_mask=mask).logits
     cache_size = pretrained._forward.jitted_fn._cache_size  # one entry per traced (compiled) signature
     before = cache_size()
@@ -106,7 +106,7 @@ def test_orbax_round_trip_identical(native, tmp_path):
     assert b.image_token_id == a.image_token_id and b.config == a.config
     for x, y in zip(jax.tree.leaves(nnx.state(a.module, nnx.Param)), jax.tree.leaves(nnx.state(b.module, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    px, ids, mask = hf_fixtures.padded_batch(native, num_images=(2, 1), seed=4)
+    px, ids, mask = fixtures.padded_batch(native, num_images=(2, 1), seed=4)
     np.testing.assert_array_equal(np.asarray(a(pixel_values=px, input_ids=ids, attention_mask=mask).logits),
                                   np.asarray(b(pixel_values=px, input_ids=ids, attention_mask=mask).logits))
 
@@ -141,7 +141,7 @@ def test_kv_cache_decode_equals_full_recomputation(padding):
 def test_save_hf_round_trip(loaded, native, tmp_path, layout):
     hf.save_hf(str(tmp_path), loaded.module, loaded.config, layout=layout)
     again = vlm_jax.load_pretrained(str(tmp_path), image_token_id=loaded.image_token_id)
-    px, ids, mask = hf_fixtures.padded_batch(native, num_images=(1, 2), seed=5)
+    px, ids, mask = fixtures.padded_batch(native, num_images=(1, 2), seed=5)
     np.testing.assert_array_equal(np.asarray(loaded(pixel_values=px, input_ids=ids, attention_mask=mask).logits),
                                   np.asarray(again(pixel_values=px, input_ids=ids, attention_mask=mask).logits))
 
@@ -173,7 +173,7 @@ def test_demo_runs_and_matches_transformers(tmp_path):
 
 
 def test_mismatch_names_use_the_files_legacy_spelling(tmp_path_factory):
-    ckpt = hf_fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("legacy"), "transformers", seed=9)
+    ckpt = fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp("legacy"), "transformers", seed=9)
     path = os.path.join(ckpt.path, "model.safetensors")
     tensors = load_file(path)
     del tensors["language_model.model.norm.weight"]

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 
 import jax.numpy as jnp  # noqa: E402
 
-import hf_fixtures  # noqa: E402
+import fixtures  # noqa: E402
 import vlm_jax  # noqa: E402
 from vlm_jax.models import layers  # noqa: E402
 
@@ -26,7 +26,7 @@ def ckpts(tmp_path_factory):
     """One reference model saved in all three layouts (same seed -> same weights)."""
     out = {}
     for layout in ("transformers", "transformers_native", "opengvlab"):
-        out[layout] = hf_fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp(layout), layout, seed=0)
+        out[layout] = fixtures.make_tiny_hf_checkpoint(tmp_path_factory.mktemp(layout), layout, seed=0)
     return out
 
 
@@ -36,8 +36,8 @@ def test_logits_match_transformers_padded_batch(ckpts, layout):
     model = vlm_jax.load_pretrained(ckpt.path)
     assert model.image_token_id == ckpt.image_token_id
     for padding in ("left", "right"):
-        px, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(1, 2), padding=padding, seed=1)
-        ref = hf_fixtures.torch_logits(ckpt, px, ids, mask)
+        px, ids, mask = fixtures.padded_batch(ckpt, num_images=(1, 2), padding=padding, seed=1)
+        ref = fixtures.torch_logits(ckpt, px, ids, mask)
         out = model(pixel_values=px, input_ids=ids, attention_mask=mask)
         assert out.logits.shape == ref.shape
         assert rel_err(out.logits, ref, mask) <= RTOL, (layout, padding)
@@ -60,9 +60,9 @@ def test_full_model_at_interpolated_size(ckpts):
     ckpt = ckpts["opengvlab"]
     model = vlm_jax.load_pretrained(ckpt.path)
     # Image blocks the image blocks for 48 px tiles: (48/8/2)^2 = 9 tokens per tile.
-    big = hf_fixtures.TinyCheckpoint(**{**ckpt.__dict__, "num_image_tokens": 9, "image_size": 48})
-    px, ids, mask = hf_fixtures.padded_batch(big, num_images=(1, 1), padding="left", seed=2)
-    ref = hf_fixtures.torch_logits(ckpt, px, ids, mask)
+    big = fixtures.TinyCheckpoint(**{**ckpt.__dict__, "num_image_tokens": 9, "image_size": 48})
+    px, ids, mask = fixtures.padded_batch(big, num_images=(1, 1), padding="left", seed=2)
+    ref = fixtures.torch_logits(ckpt, px, ids, mask)
     out = model(pixel_values=px, input_ids=ids, attention_mask=mask)
     assert rel_err(out.logits, ref, mask) <= RTOL
 
@@ -79,29 +79,29 @@ def test_bicubic_matches_torch_interpolate():
 
 @pytest.mark.parametrize("layout", ["transformers_native", "opengvlab"])
 def test_qk_norm_rms_norm_vision_variant(tmp_path, layout):
-    ckpt = hf_fixtures.make_tiny_hf_checkpoint(tmp_path, layout, seed=3,
+    ckpt = fixtures.make_tiny_hf_checkpoint(tmp_path, layout, seed=3,
                                                vision=dict(use_qk_norm=True, norm_type="rms_norm"))
     model = vlm_jax.load_pretrained(ckpt.path)
     assert model.config.vision.qk_norm and model.config.vision.norm_type == "rms_norm"
-    px, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(2, 1), padding="right", seed=3)
-    ref = hf_fixtures.torch_logits(ckpt, px, ids, mask)
+    px, ids, mask = fixtures.padded_batch(ckpt, num_images=(2, 1), padding="right", seed=3)
+    ref = fixtures.torch_logits(ckpt, px, ids, mask)
     assert rel_err(model(pixel_values=px, input_ids=ids, attention_mask=mask).logits, ref, mask) <= RTOL
 
 
 def test_tied_embeddings_and_sharded_files(tmp_path):
-    ckpt = hf_fixtures.make_tiny_hf_checkpoint(tmp_path, "transformers_native", seed=4, tie_word_embeddings=True,
+    ckpt = fixtures.make_tiny_hf_checkpoint(tmp_path, "transformers_native", seed=4, tie_word_embeddings=True,
                                                shards=2)
     model = vlm_jax.load_pretrained(ckpt.path)
     assert model.module.lm_head is None
-    px, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(1, 1), seed=4)
-    ref = hf_fixtures.torch_logits(ckpt, px, ids, mask)
+    px, ids, mask = fixtures.padded_batch(ckpt, num_images=(1, 1), seed=4)
+    ref = fixtures.torch_logits(ckpt, px, ids, mask)
     assert rel_err(model(pixel_values=px, input_ids=ids, attention_mask=mask).logits, ref, mask) <= RTOL
 
 
 def test_bfloat16_checkpoint_loads_into_requested_dtype(tmp_path):
-    ckpt = hf_fixtures.make_tiny_hf_checkpoint(tmp_path, "transformers", seed=5, dtype="bfloat16")
-    px, ids, mask = hf_fixtures.padded_batch(ckpt, num_images=(1, 1), seed=5)
-    ref = hf_fixtures.torch_logits(ckpt, px, ids, mask)  # float32 model holding the bf16-rounded weights
+    ckpt = fixtures.make_tiny_hf_checkpoint(tmp_path, "transformers", seed=5, dtype="bfloat16")
+    px, ids, mask = fixtures.padded_batch(ckpt, num_images=(1, 1), seed=5)
+    ref = fixtures.torch_logits(ckpt, px, ids, mask)  # float32 model holding the bf16-rounded weights
     model = vlm_jax.load_pretrained(ckpt.path, dtype="float32")
     emb = model.module.language_model.embed_tokens[...]
     assert emb.dtype == jnp.float32

@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
+from fixtures import subprocess_xla_flags
 from vlm_jax import config_files, runs, sharding, train
 from vlm_jax.checkpoints import run as run_checkpoints
-from vlm_jax.models import build
+from vlm_jax import build
 from vlm_jax.trainer import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def data_dir(tmp_path_factory):
 def run_env(tmp_path_factory):
     """Subprocess environment: one CPU device, a shared persistent compilation cache (runs reuse executables)."""
     env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=subprocess_xla_flags(1), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=str(REPO))
     return env
@@ -144,7 +145,7 @@ def mesh_losses(mesh_axes: dict, num_devices: int) -> list[float]:
 def test_mesh_data4_fsdp2_matches_one_device(run_env):
     # A fresh process with 8 fake devices and a generous collective timeout: on an overloaded machine one of the
     # 8 device threads can miss XLA's rendezvous deadline, which aborts the whole process.
-    env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=900")
+    env = dict(run_env, XLA_FLAGS=subprocess_xla_flags(8))
     code = ("import json, sys; sys.path.insert(0, 'tests'); import test_train as t; "
             "print('LOSSES', json.dumps([t.mesh_losses({'data': 1}, 1), "
             "t.mesh_losses({'data': 4, 'fsdp': 2, 'tensor': 1}, 8)]))")
@@ -236,7 +237,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_pa
 
 
 def test_init_from_converted_backbone_then_from_a_stage1_run(tmp_path):
-    from hf_fixtures import make_tiny_hf_checkpoint
+    from fixtures import make_tiny_hf_checkpoint
 
     from vlm_jax import convert
     from vlm_jax.checkpoints import converted

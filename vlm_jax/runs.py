@@ -19,7 +19,7 @@ from flax import nnx
 
 from vlm_jax import evaluate, sharding
 from vlm_jax.checkpoints import run as run_checkpoints
-from vlm_jax.models import build
+from vlm_jax import build
 from vlm_jax.trainer import Trainer, TrainState, make_trainer
 
 

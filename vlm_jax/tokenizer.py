@@ -25,7 +25,7 @@ IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
 VIDEO = "<video>"  # unused here; transformers' InternVLProcessor requires the tokenizer to name one
 
-# <IMG_CONTEXT> last, <img> and </img> just before it: the layout of the small test checkpoints (tests/hf_fixtures).
+# <IMG_CONTEXT> last, <img> and </img> just before it: the layout of the small test checkpoints (tests/fixtures.py).
 SPECIAL_TOKENS = (PAD, IM_START, IM_END, VIDEO, IMG_START, IMG_END, IMG_CONTEXT)
 
 # Attribute names transformers' InternVL processor reads from the tokenizer.

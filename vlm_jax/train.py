@@ -19,7 +19,7 @@ import ml_collections
 
 from vlm_jax import runs, sharding
 from vlm_jax.checkpoints import run as run_checkpoints
-from vlm_jax.models import build
+from vlm_jax import build
 from vlm_jax.run_logging import RunLog, window_summary
 from vlm_jax.trainer import make_trainer
 

@@ -27,7 +27,7 @@ from flax import nnx
 
 from vlm_jax import optim, sharding
 from vlm_jax.checkpoints import converted
-from vlm_jax.models import build
+from vlm_jax import build
 from vlm_jax.models.config import InternVLConfig
 
 

@@ -81,7 +81,7 @@ import vlm_jax
 from vlm_jax import config_files, metrics, runs, train, viz
 from vlm_jax.data import pipeline
 from vlm_jax.data.datasets.relations import RELATIONS
-from vlm_jax.models import build
+from vlm_jax import build
 
 CONFIGS = pathlib.Path(vlm_jax.__file__).resolve().parents[1] / "configs"  # the repository's configs/
 

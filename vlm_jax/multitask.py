@@ -29,9 +29,9 @@ import ml_collections
 from flax import nnx
 
 from vlm_jax import tasks as tasks_lib
-from vlm_jax.tasks import heads
 from vlm_jax.models import layers, pooling
 from vlm_jax.models.internvl import InternVL
+from vlm_jax.tasks import heads
 
 FUSIONS = ("late", "lm")
 FUSION_FEATURES = ("interact", "concat")

@@ -13,7 +13,7 @@
   tokenizer       "demo" (the demo BPE), a directory with tokenizer files, or "" = the converted checkpoint's own
   tiny            overrides of InternVLConfig.tiny()
   dtype, backbone_param_dtype   backbone compute and storage dtypes (shared layers and heads stay float32)
-  embedding       the shared adapters / projectors / fusion (`vlm_jax.models.multitask`)
+  embedding       the shared adapters / projectors / fusion (`vlm_jax.multitask`)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from vlm_jax import tokenizer as tokenizer_lib
 from vlm_jax.checkpoints import converted
 from vlm_jax.models.config import InternVLConfig
 from vlm_jax.models.internvl import InternVL
-from vlm_jax.models.multitask import MultitaskModel
+from vlm_jax.multitask import MultitaskModel
 
 BACKBONES = ("tiny", "converted")
 
