@@ -12,9 +12,11 @@ import pytest
 from flax import nnx
 
 from fixtures import demo_config
-from vlm_jax import box_ops, losses
+from vlm_jax import box_ops, evaluate, losses
+from vlm_jax import tasks as tasks_lib
 from vlm_jax.models import InternVL, InternVLConfig, pooling
 from vlm_jax.multitask import MultitaskModel, late_fusion_features
+from vlm_jax.tasks import Task
 from vlm_jax.tasks.heads import AttentionBoxHead, box_from_logits, patch_grid
 
 IMG_START, IMG_END, IMG_CONTEXT = 61, 62, 63
@@ -385,3 +387,44 @@ def test_attention_box_head_learns_to_find_the_named_object():
     constant = np.asarray(box_ops.box_iou_paired(jnp.broadcast_to(box.mean(0), box.shape), box)[0])
     # Measured: 0.43 vs 0.035 (a head that ignores the query cannot beat a box between both objects).
     assert iou.mean() > 0.3 > 6 * constant.mean(), (iou.mean(), constant.mean())
+
+
+class CaptionLengthTask(Task):
+    """A task written outside the package: regress each caption's token count from the text embedding."""
+
+    name = "length"
+    batch_fields = ("text_mask",)
+    eval_outputs = ("length_pred",)
+
+    def __init__(self, cfg, widths, *, rngs):
+        super().__init__(cfg, widths, rngs=rngs)
+        self.head = nnx.Linear(widths.embed, 1, rngs=rngs)
+
+    def __call__(self, features, batch, *, train):
+        return {"length_pred": self.head(features.text_emb)[:, 0]}
+
+    def loss(self, outputs, batch, valid):
+        err = outputs["length_pred"] - batch["text_mask"].sum(-1)
+        return {"loss": jnp.sum(jnp.where(valid, err * err, 0.0)) / jnp.maximum(valid.sum(), 1)}
+
+    def metrics(self, collected):
+        return {"length_mae": float(np.mean(np.abs(collected["length_pred"] - collected["text_mask"].sum(-1))))}
+
+
+def test_a_new_task_is_one_class_and_one_config_section(monkeypatch, backbone):
+    """The extension point: a Task subclass in TASKS plus its config section; nothing else changes."""
+    monkeypatch.setitem(tasks_lib.TASKS, "length", CaptionLengthTask)
+    cfg = task_configs()
+    cfg.length = dict(weight=0.5)
+    model = MultitaskModel(backbone, embedding_config(), cfg, rngs=nnx.Rngs(0))
+    batch = make_batch(backbone.config.num_image_tokens)
+    outputs, (total, terms) = nnx.jit(lambda m, b: (m(b, train=False), m.loss(m(b, train=False), b)))(model, batch)
+    lengths = np.asarray(batch["text_mask"]).sum(-1)
+    expected_mse = np.mean((np.asarray(outputs["length_pred"]) - lengths) ** 2)
+    assert float(terms["length"]) == pytest.approx(expected_mse, rel=1e-5)
+    others = sum(model.tasks[n].weight * float(terms[n]) for n in ("itc", "itm", "box", "spatial"))
+    assert float(total) == pytest.approx(others + 0.5 * expected_mse, rel=1e-5)
+    collected = {k: np.asarray(v) for k, v in {**outputs, **batch}.items()} | {"loss_terms": {}}
+    metrics = evaluate.compute_metrics(model.tasks.values(), collected)
+    assert metrics["length_mae"] == pytest.approx(np.mean(np.abs(np.asarray(outputs["length_pred"]) - lengths)))
+    assert {"t2i_r1", "box_iou", "spatial_acc"} <= set(metrics)
