@@ -5,12 +5,12 @@ Run after configs/tiny_synthetic.py (its workdir is the init_from here):
     python -m vlm_jax.main --config configs/tiny_synthetic_stage2.py --workdir /tmp/tiny_synthetic_stage2 \
         --config.init_from=/tmp/tiny_synthetic
 
-Measured on the shared 2-core CPU: 2 min 36 s wall (3000 steps; no backward through the backbone).
-Validation split, step 3000 (stage 1 in parentheses):
-    retrieval text->image R@1 / R@5 / R@10 = 7.1 / 29.0 / 40.3 %   (7.6 / 27.8 / 39.3)
-              image->text R@1 / R@5 / R@10 = 4.8 / 21.4 / 32.4 %   (5.4 / 21.4 / 31.0)
+Measured on the 2-core CPU with nothing else running: 6 min 39 s wall (3000 steps; no backward through the
+backbone). Validation split, step 3000 (stage 1 in parentheses):
+    retrieval text->image R@1 / R@5 / R@10 = 7.3 / 29.7 / 40.5 %   (7.6 / 28.6 / 39.8)
+              image->text R@1 / R@5 / R@10 = 4.4 / 22.0 / 34.8 %   (4.0 / 22.4 / 35.0)
     spatial relation accuracy 100 %, macro-F1 1.00                  (100 %, 1.00)
-    subject box mean IoU 0.466, acc@0.5 50.9 %                      (0.458, 47.4 %)
+    subject box mean IoU 0.475, acc@0.5 51.5 %                      (0.464, 50.5 %)
 """
 
 from vlm_jax.config_files import load_sibling
