@@ -59,7 +59,6 @@ class RunLog:
         from clu import metric_writers  # TensorFlow-backed: loaded only when a run logs
 
         os.makedirs(workdir, exist_ok=True)
-        self.workdir = workdir
         self.metrics_path = os.path.join(workdir, METRICS_FILE)
         self.writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 

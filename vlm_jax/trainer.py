@@ -62,6 +62,11 @@ def _fresh_rngs(abstract_rngs: nnx.State, key: jax.Array) -> nnx.State:
     return jax.tree_util.tree_map_with_path(one, abstract_rngs)
 
 
+def _create(config, backbone_config: InternVLConfig) -> nnx.Module:
+    """The model of ``config``, randomly initialised from ``config.seed``."""
+    return build.build_model(backbone_config, config.model, config.tasks, nnx.Rngs(config.seed))
+
+
 @dataclasses.dataclass
 class Trainer:
     """Graph, optimizer, shardings and jitted steps for one config on one mesh."""
@@ -80,10 +85,6 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------------------------
 
-    def _create(self) -> nnx.Module:
-        config = self.config
-        return build.build_model(self.backbone_config, config.model, config.tasks, nnx.Rngs(config.seed))
-
     def split_model_state(self, model_state: nnx.State):
         """(trainable, frozen, rest) from a whole-model state (RNG streams excluded)."""
         return nnx.split_state(model_state, self.trainable, nnx.Param, ...)
@@ -91,7 +92,8 @@ class Trainer:
     def init_model_state(self) -> nnx.State:
         """Random init directly into the shardings (RNG streams dropped); a 'converted' backbone then takes the
         converted checkpoint's weights."""
-        state = jax.jit(lambda: nnx.state(self._create(), nnx.Not(nnx.RngState)), out_shardings=self.model_shardings)
+        create = lambda: nnx.state(_create(self.config, self.backbone_config), nnx.Not(nnx.RngState))  # noqa: E731
+        state = jax.jit(create, out_shardings=self.model_shardings)
         with nnx.use_eager_sharding(False):
             state = state()
         if self.config.model.backbone == "converted":
@@ -205,9 +207,8 @@ def make_trainer(config, mesh: jax.sharding.Mesh, num_train_steps: int,
     ``build.resolve_backbone(config.model).config``."""
     if backbone_config is None:
         backbone_config = build.resolve_backbone(config.model).config
-    create = lambda: build.build_model(backbone_config, config.model, config.tasks, nnx.Rngs(config.seed))  # noqa
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(create)
+        abstract = nnx.eval_shape(lambda: _create(config, backbone_config))
     groups = optim.ParamGroups.from_config(config.optim.rules)
     groups.check_state(nnx.state(abstract, nnx.Param))  # lists every unmatched parameter
     trainable = groups.trainable_filter()
