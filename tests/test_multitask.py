@@ -395,6 +395,7 @@ class CaptionLengthTask(Task):
     name = "length"
     batch_fields = ("text_mask",)
     eval_outputs = ("length_pred",)
+    metric_names = ("length_mae",)
 
     def __init__(self, cfg, widths, *, rngs):
         super().__init__(cfg, widths, rngs=rngs)
@@ -428,3 +429,5 @@ def test_a_new_task_is_one_class_and_one_config_section(monkeypatch, backbone):
     metrics = evaluate.compute_metrics(model.tasks.values(), collected)
     assert metrics["length_mae"] == pytest.approx(np.mean(np.abs(np.asarray(outputs["length_pred"]) - lengths)))
     assert {"t2i_r1", "box_iou", "spatial_acc"} <= set(metrics)
+    for task in model.tasks.values():  # the declared names (checked against best_metric) are the produced ones
+        assert set(task.metrics(collected)) == set(task.metric_names), task.name

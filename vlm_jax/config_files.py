@@ -11,8 +11,9 @@ import os
 import ml_collections
 
 
-def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """Runs the config file at `path` and returns its `get_config()`."""
+def load_config_file(path: str | os.PathLike, argument: str | None = None) -> ml_collections.ConfigDict:
+    """Runs the config file at `path` and returns its `get_config()` (`get_config(argument)` when given, as
+    ``--config path:argument`` does)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist (expected a configs/*.py file with get_config())")
@@ -22,7 +23,7 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path!r} defines no get_config()")
-    return module.get_config()
+    return module.get_config() if argument is None else module.get_config(argument)
 
 
 def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:

@@ -7,6 +7,8 @@ many tokens it makes). Prompts are left-padded to a power-of-two bucket and the 
 values: changing temperature, top-k or top-p does not recompile.
 
 Positions follow transformers' `generate`: cumsum(attention_mask) - 1, so left padding does not shift them.
+Token ids, pixel ranges and sampling settings are checked on the host first (a ValueError naming the argument):
+inside the traced loop a bad value would silently give NaN logits or fall back to greedy decoding.
 
     model = vlm_jax.load_pretrained(path)          # or an InternVL module
     tokenizer = vlm_jax.tokenizer.load_tokenizer(path)
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -27,7 +31,7 @@ from flax import nnx
 
 from vlm_jax.data import preprocess
 from vlm_jax.data.prompt import PromptBuilder
-from vlm_jax.inference import bucket_pow2, module_of
+from vlm_jax.inference import bucket_pow2, check_pixel_range, check_token_ids, module_of
 
 # Prompts are left-padded to at least this many tokens (then to the next power of two).
 MIN_PROMPT_BUCKET = 16
@@ -42,11 +46,44 @@ class GenerationResult:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off."""
+    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off. Out-of-range values are refused (ValueError)."""
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    def __post_init__(self):
+        # Inside the traced loop a bad value would silently mean greedy (or no filter): refuse it here.
+        temperature, top_p = _real(self.temperature), _real(self.top_p)
+        if not 0 <= temperature < math.inf:  # NaN fails too
+            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0 (0 = greedy), "
+                             f"got {self.temperature!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if _integer(self.top_k) is None or self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if _integer(self.seed) is None:
+            raise ValueError(f"SamplingParams.seed must be an integer, got {self.seed!r}")
+
+
+def _real(x) -> float:
+    """float(x) for a number (numpy and 0-d jax values included); NaN for anything else, which every range check
+    refuses."""
+    if isinstance(x, (bool, str)):
+        return math.nan
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _integer(x) -> int | None:
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
 
 
 # ---- sampling ---------------------------------------------------------------------------------------------------
@@ -134,10 +171,17 @@ def generate_ids(model, input_ids: np.ndarray, attention_mask: np.ndarray, pixel
     Returns int32[B, max_new_tokens]: generated ids, EOS included, pad_token_id after it.
     """
     model = module_of(model)
+    vocab = model.config.text.vocab_size
+    check_token_ids(input_ids, vocab, "input_ids")
+    check_token_ids([pad_token_id], vocab, "pad_token_id")  # pads are embedded too (then masked)
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.asarray(attention_mask, np.int32)
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be equal [B, T]")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids hold no tokens (shape [B, 0]): nothing to continue from")
+    if pixel_values is not None:
+        check_pixel_range(pixel_values)
     if np.any(attention_mask[:, -1] == 0):
         raise ValueError("prompts must be left-padded (attention_mask[:, -1] == 0 for some row)")
     if max_new_tokens < 1:
@@ -178,6 +222,10 @@ def generate(model, tokenizer, images=None, prompt: str = "", max_new_tokens: in
         images = []
     elif not isinstance(images, (list, tuple)):
         images = [images]
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__} {prompt!r}")
+    if not images and not prompt.strip():
+        raise ValueError("generate needs a prompt or an image: got no images and an empty prompt")
     size = model.config.image_size
     tiles = [preprocess.dynamic_tiles(im, size, 1, max_tiles, use_thumbnail, name=f"image {i}")
              for i, im in enumerate(images)]

@@ -19,6 +19,10 @@ Each image is one tile at the model's image size (static shapes) unless `max_til
 tiling (LM poolings; the tile count is bucketed too). Batches are padded to a power-of-two batch size
 (at most `batch_size`) and texts to a power-of-two length (`bucket_pow2`), so every call inside a bucket reuses
 its compiled program; a progress bar appears when there are many batches.
+
+Inputs are checked on the host before anything compiles (`check_texts`, `check_token_ids`, `check_pixel_range`,
+also used by `generation`): a non-string text, a token id outside the vocabulary (which would embed as NaN or wrap
+around) or pixels that were never normalised are a ValueError naming the text, position or array.
 """
 
 from __future__ import annotations
@@ -44,6 +48,48 @@ def bucket_pow2(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= max(n, minimum) (for a power-of-two `minimum`): a padded size that only
     changes, and so recompiles, when n doubles."""
     return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+# ImageNet mean/std map pixels in [0, 1] to about [-2.1, 2.6]; values far beyond were never normalised.
+PIXEL_LIMIT = 10.0
+
+
+def check_token_ids(ids, vocab_size: int, what: str = "input_ids") -> None:
+    """Refuses ids outside [0, vocab_size): the embedding lookup would give NaN (too large) or wrap (negative).
+
+    ids: int[...] (host array or list); the error names the first offending position."""
+    ids = np.asarray(ids)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{what}: token ids must be in [0, {vocab_size}) (the model's vocabulary), got "
+                         f"{ids[pos]} at position {pos[0] if len(pos) == 1 else pos}")
+
+
+def check_pixel_range(pixel_values, what: str = "pixel_values") -> None:
+    """Refuses pixels that are clearly not ImageNet-normalised (e.g. raw 0..255 values) or not finite.
+
+    pixel_values: float[N, H, W, 3] (numpy or jax; a jax array is reduced on its device)."""
+    if np.size(pixel_values) == 0:
+        return
+    if isinstance(pixel_values, jax.Array):
+        peak = float(jnp.max(jnp.abs(pixel_values)))
+    else:
+        peak = float(np.max(np.abs(np.asarray(pixel_values, np.float32))))
+    if not peak <= PIXEL_LIMIT:  # NaN fails this too
+        raise ValueError(f"{what}: values reach {peak:g}, far outside the normalised range (about -2.1..2.6 after "
+                         f"ImageNet mean/std; |x| <= {PIXEL_LIMIT:g} accepted); these look like raw pixels. Make "
+                         "tiles with vlm_jax.data.preprocess (single_tile / dynamic_tiles) or "
+                         "`inference.load_pixels`, or pass the images themselves (paths, PIL, uint8 arrays).")
+
+
+def check_texts(texts, what: str = "texts") -> None:
+    """Refuses a single string and non-string entries (None would otherwise be embedded as the text "None")."""
+    if isinstance(texts, str):
+        raise ValueError(f"{what} must be a sequence of strings, not one string")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"{what}[{i}] must be a string, got {type(text).__name__} {text!r}")
 
 
 def module_of(model) -> nnx.Module:
@@ -99,6 +145,11 @@ def _builder(model, tokenizer, template: str, max_length: int | None, image_size
 def _run_lm(model, seqs: list[list[int]], pixel_values: np.ndarray | None, tiles: list[int] | None,
             builder: PromptBuilder, pooling: str, batch_size: int, progress, desc: str) -> np.ndarray:
     """Pooled LM embeddings of id lists; pixel_values float[sum(tiles), S, S, 3] hold tiles[i] tiles for seqs[i]."""
+    # A tokenizer with more ids than the model's vocabulary would otherwise give NaN embeddings.
+    vocab = model.config.text.vocab_size
+    for i, seq in enumerate(seqs):
+        check_token_ids(seq, vocab, f"{desc}[{i}] (tokenized)")
+    check_token_ids([builder.pad_id], vocab, "the tokenizer's pad id")
     graphdef, state = nnx.split(model)
     rows = _rows(len(seqs), batch_size)
     offsets = np.cumsum([0] + list(tiles or []))
@@ -143,6 +194,7 @@ def encode_images(model, images: Sequence, *, tokenizer=None, pooling: str = "lm
     if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
         if max_tiles is not None:
             raise ValueError("max_tiles needs raw images, not preprocessed pixel arrays")
+        check_pixel_range(images, "images (preprocessed tiles)")
         pixels = images
     elif max_tiles is None:
         pixels = load_pixels(model, images)
@@ -179,8 +231,7 @@ def encode_texts(model, texts: Sequence[str], *, tokenizer, pooling: str = "last
     model = module_of(model)
     if pooling not in TEXT_POOLINGS:
         raise ValueError(f"text pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
-    if isinstance(texts, str):
-        raise ValueError("texts must be a sequence of strings, not one string")
+    check_texts(texts)
     builder = _builder(model, tokenizer, template, max_length)
     seqs = [builder.prompt_ids(text_prompt.format(t), None, index=i) for i, t in enumerate(texts)]
     return _run_lm(model, seqs, None, None, builder, pooling, batch_size, progress, "texts")

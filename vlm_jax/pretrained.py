@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vlm_jax import inference
 from vlm_jax.checkpoints import converted, hf
 from vlm_jax.models.config import InternVLConfig
 from vlm_jax.models.internvl import InternVL, InternVLOutput, count_image_tokens
@@ -69,6 +70,7 @@ class PretrainedInternVL:
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}")
+        inference.check_token_ids(ids, self.config.text.vocab_size)
         found = count_image_tokens(ids, self.image_token_id)
         ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
         if pixel_values is None:
@@ -77,6 +79,7 @@ class PretrainedInternVL:
                                  "but no pixel_values were given")
             return _forward_text(self.module, ids, mask)
         n, h, w = self.check_pixel_values(pixel_values)
+        inference.check_pixel_range(pixel_values)
         per_tile = (h // self.config.vision.patch_size // self.config.shuffle_factor) * (
             w // self.config.vision.patch_size // self.config.shuffle_factor)
         if found != n * per_tile:

@@ -17,9 +17,8 @@ import jax
 import ml_collections
 from flax import nnx
 
-from vlm_jax import evaluate, sharding
+from vlm_jax import build, config_check, evaluate, sharding
 from vlm_jax.checkpoints import run as run_checkpoints
-from vlm_jax import build
 from vlm_jax.trainer import Trainer, TrainState, make_trainer
 
 
@@ -28,6 +27,13 @@ def model_inputs(backbone: build.Backbone):
     from vlm_jax.data import pipeline  # the TensorFlow-backed data stack loads only when data is read
 
     return pipeline.ModelInputs.from_model(backbone.config, backbone.tokenizer)
+
+
+def check_splits(config, *, train: bool) -> None:
+    """Builds the dataset when needed (``config.data.prepare``) and checks that the configured splits exist."""
+    from vlm_jax.data import pipeline
+
+    config_check.validate_splits(config, pipeline.make_builder(config.data).info.splits.keys(), train=train)
 
 
 def make_data(config, inputs, split: str, *, train: bool):
@@ -90,9 +96,8 @@ def restore_run(workdir: str, step: int | None = None, config: ml_collections.Co
     backbone = build.resolve_backbone(config.model)
     # The schedules' length does not change any restored array: one step is enough to build the optimizer.
     trainer = make_trainer(config, mesh, 1, backbone.config)
-    manager = run_checkpoints.make_manager(workdir, config.checkpoint)
-    model_state, items, _ = run_checkpoints.restore(manager, step, trainer.abstract_model,
-                                                    trainer.abstract_train_items())
+    checkpoints = run_checkpoints.RunCheckpoints(workdir, config.checkpoint)
+    model_state, items, _ = checkpoints.restore(step, trainer.abstract_model, trainer.abstract_train_items())
     return RestoredRun(config=config, step=step, meta=meta, trainer=trainer,
                        state=trainer.assemble(model_state, items), inputs=model_inputs(backbone))
 
@@ -110,6 +115,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     its metrics.jsonl (``mode="eval"``). Never builds the training split."""
     from vlm_jax.run_logging import RunLog
 
+    check_splits(config, train=False)
     run = restore_run(workdir, step, config)
     log = RunLog(workdir)
     results = {}

@@ -6,8 +6,9 @@ gradient or optimizer memory (see experiments/benchmark_train_step.py for the me
 streams are not part of the train state: every step reseeds them from ``fold_in(seed, step)``, so a resumed run
 draws the same dropout masks as an uninterrupted one.
 
-Failure policy: a step with a non-finite loss or gradient leaves parameters and optimizer state unchanged; the
-skips are counted in the state (``nonfinite``: in a row, ``skipped``: in all) for the loop to act on.
+Failure policy: a step whose loss, gradients, updated parameters or updated optimizer state hold NaN or Inf leaves
+parameters and optimizer state unchanged (the state is always the last finite one); the skips are counted in the
+state (``nonfinite``: in a row, ``skipped``: in all) for the loop to act on.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def _fresh_rngs(abstract_rngs: nnx.State, key: jax.Array) -> nnx.State:
         return jnp.zeros(x.shape, x.dtype)
 
     return jax.tree_util.tree_map_with_path(one, abstract_rngs)
+
+
+def _all_finite(tree) -> jax.Array:
+    """bool[]: no floating-point leaf of ``tree`` holds NaN or Inf."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def _create(config, backbone_config: InternVLConfig) -> nnx.Module:
@@ -156,9 +163,11 @@ class Trainer:
             return loss, (terms, nnx.state(model, rest_filter))
 
         (loss, (terms, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         updates, opt_state = self.opt.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # Committed only when the result is finite too: e.g. a NaN learning rate gives finite gradients and NaN
+        # parameters.
+        finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params) & _all_finite(opt_state)
 
         def keep(new, old):  # a non-finite step changes nothing but the counters
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -2,7 +2,8 @@
 
 Both layouts of `mapping.TABLE` (transformers, with its legacy on-disk prefixes renamed; OpenGVLab
 `internvl_chat`). Every tensor is checked (missing / unexpected / wrong shape, all listed in one error) from the
-safetensors headers before any data is read. Pickled weights (.bin/.pt/.pth) are refused.
+safetensors headers before any data is read; tensors holding NaN or Inf are refused by name. config.json is
+type-checked field by field (`InternVLConfig.from_hf_dict`). Pickled weights (.bin/.pt/.pth) are refused.
 """
 
 from __future__ import annotations
@@ -18,21 +19,36 @@ from flax import nnx, traverse_util
 from safetensors.numpy import save_file
 
 from vlm_jax.checkpoints import mapping
+from vlm_jax.checkpoints.integrity import CheckpointError
 from vlm_jax.checkpoints.safetensors_io import SINGLE_FILE, SafetensorsDir
 from vlm_jax.models.config import InternVLConfig
 from vlm_jax.models.internvl import InternVL
 
 
+# The converted format's names (`converted` imports this module, so they are spelled here, not imported).
+CONVERTED_CONFIG = "vlm_jax_config.json"
+CONVERTED_PARAMS = "params"
+
+
 # ---- config / layout / image token ----------------------------------------------------------------------------
 
 def read_config(directory: str) -> tuple[dict, InternVLConfig, str]:
-    """-> (raw config.json, InternVLConfig, layout)."""
+    """-> (raw config.json, InternVLConfig, layout). Errors name the file and the field."""
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
-        raise ValueError(f"{directory}: no config.json")
-    with open(path) as f:
-        raw = json.load(f)
-    cfg = InternVLConfig.from_hf_dict(raw)
+        if os.path.isdir(os.path.join(directory, CONVERTED_PARAMS)):
+            # A converted checkpoint that lost its config file: name the file that is really missing.
+            raise ValueError(f"{directory}: holds converted parameters ({CONVERTED_PARAMS}/) but no "
+                             f"{CONVERTED_CONFIG}; re-convert the Hugging Face checkpoint with "
+                             "`python -m vlm_jax.convert`.")
+        raise ValueError(f"{directory}: no config.json (a Hugging Face checkpoint) or {CONVERTED_CONFIG} "
+                         "(a converted one)")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    cfg = InternVLConfig.from_hf_dict(raw, source=path)
     layout = "opengvlab" if raw.get("model_type") == "internvl_chat" else "transformers"
     return raw, cfg, layout
 
@@ -91,10 +107,11 @@ def flat_params(model) -> dict:
 
 
 def flax_params_from(shapes: dict[str, tuple[int, ...]], get: Callable[[str], np.ndarray], cfg: InternVLConfig,
-                     layout: str, param_dtype, progress=None) -> dict:
+                     layout: str, param_dtype, progress=None, *, source: str = "checkpoint") -> dict:
     """Map checkpoint tensors (names -> shapes, and a getter) to {flax path: np.ndarray in param_dtype}.
 
     Works for files and for in-memory state dicts (e.g. a PyTorch model's, converted to numpy by `get`).
+    Tensors holding NaN or Inf are refused (`CheckpointError` naming them and `source`).
     """
     display = lambda name: name  # noqa: E731
     if layout == "transformers":
@@ -108,16 +125,28 @@ def flax_params_from(shapes: dict[str, tuple[int, ...]], get: Callable[[str], np
     abstract = nnx.eval_shape(lambda: InternVL(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     flax_shapes = {k: tuple(v.shape) for k, v in flat_params(abstract).items()}
     np_dtype = np.dtype(param_dtype)
-    out = {}
+    out, nonfinite = {}, []
     for row, names_per_layer in mapping.match(cfg, layout, shapes, flax_shapes, display):
         shape = flax_shapes[row.flax]
         per_shape = shape[1:] if row.per_layer else shape
-        values = [mapping.to_flax(row, [np.asarray(get_native(n)) for n in names], per_shape).astype(np_dtype)
-                  for names in names_per_layer]
+        values = []
+        for names in names_per_layer:
+            tensors = [np.asarray(get_native(n)) for n in names]
+            nonfinite += [display(n) for n, t in zip(names, tensors) if not _finite(t)]
+            values.append(mapping.to_flax(row, tensors, per_shape).astype(np_dtype))
         out[row.flax] = np.stack(values) if row.per_layer else values[0]
         if progress is not None:
             progress(row.flax)
+    if nonfinite:
+        more = f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else ""
+        raise CheckpointError(f"{source}: {len(nonfinite)} tensor(s) hold NaN or Inf, refusing them: "
+                              f"{', '.join(nonfinite[:5])}{more}")
     return out
+
+
+def _finite(x: np.ndarray) -> bool:
+    """False when a floating-point tensor (bf16 included) holds NaN or Inf."""
+    return x.dtype.kind in "biu" or bool(np.isfinite(x).all())
 
 
 def model_from_flat(cfg: InternVLConfig, flat: dict, *, dtype, param_dtype) -> InternVL:
@@ -138,7 +167,7 @@ def load_hf(directory: str, *, image_token_id: int | None = None, dtype="float32
     shapes = files.shapes()
     cfg = untie_if_lm_head_present(cfg, shapes)
     jdtype = jnp.dtype(dtype)
-    flat = flax_params_from(shapes, files.get, cfg, layout, jdtype, progress)
+    flat = flax_params_from(shapes, files.get, cfg, layout, jdtype, progress, source=directory)
     return model_from_flat(cfg, flat, dtype=jdtype, param_dtype=jdtype), cfg
 
 

@@ -3,7 +3,8 @@
 One `model.safetensors` or the shards named by `model.safetensors.index.json`. Every file's header is read (and
 checked by safe_open against the file's length) when the directory is opened, so shapes are known before any data
 is read. Tensors come back as numpy arrays in their stored dtype (bf16 as `ml_dtypes.bfloat16`). A truncated or
-corrupt file raises a ValueError that names the file (and, when the header is intact, the tensors cut off).
+corrupt file raises a ValueError that names the file (and, when the header is intact, the tensors cut off). So does
+an index that places a tensor in a shard that does not hold it, naming the tensor and the shard that does.
 """
 
 from __future__ import annotations
@@ -27,12 +28,8 @@ class SafetensorsDir:
         index = os.path.join(directory, INDEX_FILE)
         if os.path.exists(index):
             weight_map = _read_index(index)  # tensor name -> file name
-            self._files = {fn: _open(os.path.join(directory, fn)) for fn in sorted(set(weight_map.values()))}
-            for fn, handle in self._files.items():
-                absent = sorted({n for n, f in weight_map.items() if f == fn} - set(handle.keys()))
-                if absent:
-                    raise ValueError(f"{index} places {len(absent)} tensor(s) in {fn}, which does not hold them: "
-                                     f"{', '.join(absent[:5])}")
+            self._files = {fn: _open_shard(directory, fn, index, weight_map) for fn in sorted(set(weight_map.values()))}
+            _check_index(index, weight_map, self._files)
         elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
             self._files = {SINGLE_FILE: _open(os.path.join(directory, SINGLE_FILE))}
             weight_map = {name: SINGLE_FILE for name in self._files[SINGLE_FILE].keys()}
@@ -54,9 +51,37 @@ class SafetensorsDir:
 def _read_index(index: str) -> dict[str, str]:
     try:
         with open(index) as f:
-            return dict(json.load(f)["weight_map"])
+            weight_map = dict(json.load(f)["weight_map"])
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{index}: not a safetensors index ({err!r})") from err
+        raise ValueError(f"{index}: not a safetensors index ({err!r})") from None
+    bad = [name for name, fn in weight_map.items() if not isinstance(fn, str)]
+    if bad:
+        raise ValueError(f"{index}: weight_map[{bad[0]!r}] must be a file name (a string), got {weight_map[bad[0]]!r}")
+    return weight_map
+
+
+def _open_shard(directory: str, fn: str, index: str, weight_map: dict[str, str]):
+    path = os.path.join(directory, fn)
+    if not os.path.exists(path):
+        names = sorted(n for n, f in weight_map.items() if f == fn)
+        raise ValueError(f"{index} places {len(names)} tensor(s) in {fn}, which does not exist in {directory} "
+                         f"(e.g. {names[0]})")
+    return _open(path)
+
+
+def _check_index(index: str, weight_map: dict[str, str], files: dict) -> None:
+    """Every tensor is in the shard the index names for it; else one error saying where each one really is."""
+    held = {fn: set(handle.keys()) for fn, handle in files.items()}
+    wrong = sorted(n for n, fn in weight_map.items() if n not in held[fn])
+    if not wrong:
+        return
+    holders = {n: [fn for fn in sorted(held) if n in held[fn]] for n in wrong[:5]}
+    each = [f"{n} (the index names {weight_map[n]}; "
+            + (f"it is in {', '.join(holders[n])})" if holders[n] else "no shard the index names holds it)")
+            for n in wrong[:5]]
+    more = f"; and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+    raise ValueError(f"{index} places {len(wrong)} tensor(s) in a shard that does not hold them: "
+                     + "; ".join(each) + more)
 
 
 def _refuse(directory: str) -> NoReturn:

@@ -3,12 +3,72 @@
 `InternVLConfig.from_hf_dict` reads both checkpoint layouts:
 - transformers (`model_type: internvl`, `vision_config` + `text_config`),
 - OpenGVLab original (`model_type: internvl_chat`, `vision_config` + `llm_config`).
+
+Reading a config file checks every field it uses: a wrong type, a missing size or an unknown field is a ValueError
+naming the file, the field and what was expected (a malformed file never reaches the model code).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_pair(v) -> bool:
+    return (_is_int(v) and v > 0) or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v))
+
+
+# kind -> (check, what the message says is expected). "pair": HF stores image / patch sizes as int or [h, w].
+_KINDS = {
+    "int": (_is_int, "an integer"),
+    "positive": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "float": (lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "pair": (_is_pair, "a positive integer or a list [h, w] of them"),
+    "dict": (lambda v: isinstance(v, dict), "an object ({...})"),
+}
+_REQUIRED = object()
+
+
+class _Section:
+    """Typed reads from one object of a config file; errors name the file (`source`) and the dotted field."""
+
+    def __init__(self, d: Any, source: str, prefix: str = ""):
+        if not isinstance(d, dict):
+            where = f"{prefix.rstrip('.')} " if prefix else ""
+            raise ValueError(f"{source}: {where}must be an object ({{...}}), got {_show(d)}")
+        self.d, self.source, self.prefix = d, source, prefix
+
+    def get(self, key: str, kind: str, default: Any = _REQUIRED) -> Any:
+        """The value of `key` checked against `kind`; `default` when absent or null (required if none given)."""
+        check, expected = _KINDS[kind]
+        value = self.d.get(key)
+        if value is None and kind != "int | None":
+            if default is _REQUIRED:
+                raise ValueError(f"{self.source}: required field {self.prefix}{key} is missing (expected {expected})")
+            return default
+        if not check(value):
+            raise ValueError(f"{self.source}: {self.prefix}{key} must be {expected}, got {_show(value)}")
+        if kind == "float":
+            return float(value)
+        if kind == "pair":
+            return _pair_to_int(value, f"{self.source}: {self.prefix}{key}")
+        return value
+
+    def section(self, key: str, default: Any = _REQUIRED) -> "_Section":
+        """The object under `key` (an empty one when absent and `default` is given)."""
+        return _Section(self.get(key, "dict", default), self.source, f"{self.prefix}{key}.")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:60]}... ({type(value).__name__})" if len(text) > 60 else f"{text} ({type(value).__name__})"
 
 
 def _pair_to_int(value: Any, name: str) -> int:
@@ -18,6 +78,28 @@ def _pair_to_int(value: Any, name: str) -> int:
             raise ValueError(f"{name} must be square, got {value!r}")
         return int(value[0])
     return int(value)
+
+
+def _dataclass_fields(cls, d: Any, source: str, prefix: str) -> dict:
+    """`d`'s entries checked against the field types of dataclass `cls` (unknown fields refused; absent ones take
+    their defaults)."""
+    section = _Section(d, source, prefix)
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(kinds))
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {', '.join(prefix + k for k in unknown)} "
+                         f"(known: {', '.join(sorted(kinds))})")
+    return {k: section.get(k, kinds[k]) for k in d}
+
+
+def _with_source(source: str, build):
+    """`build()`, its ValueErrors (e.g. from a config's own checks) prefixed with `source` when they lack it."""
+    try:
+        return build()
+    except ValueError as err:
+        if str(err).startswith(source):
+            raise
+        raise ValueError(f"{source}: {err}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +210,13 @@ class InternVLConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InternVLConfig":
-        d = dict(d)
-        vision = VisionConfig(**d.pop("vision"))
-        text = TextConfig(**d.pop("text"))
-        return cls(vision=vision, text=text, **d)
+    def from_dict(cls, d: dict, source: str = "config") -> "InternVLConfig":
+        """Inverse of `to_dict`; every field is type-checked, errors name `source` (the file read) and the field."""
+        top = _Section(d, source)
+        vision = _dataclass_fields(VisionConfig, top.get("vision", "dict"), source, "vision.")
+        text = _dataclass_fields(TextConfig, top.get("text", "dict"), source, "text.")
+        rest = _dataclass_fields(cls, {k: v for k, v in d.items() if k not in ("vision", "text")}, source, "")
+        return _with_source(source, lambda: cls(vision=VisionConfig(**vision), text=TextConfig(**text), **rest))
 
     def replace(self, **changes) -> "InternVLConfig":
         return dataclasses.replace(self, **changes)
@@ -171,83 +255,74 @@ class InternVLConfig:
     # ---- Hugging Face config.json ---------------------------------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "InternVLConfig":
-        """Build from a checkpoint's config.json (transformers `internvl` or OpenGVLab `internvl_chat`)."""
-        model_type = d.get("model_type")
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "InternVLConfig":
+        """Build from a checkpoint's config.json (transformers `internvl` or OpenGVLab `internvl_chat`).
+
+        `source` (the file's path) starts every error message. The encoders' sizes (hidden_size,
+        num_hidden_layers, num_attention_heads, intermediate_size; vocab_size) are required."""
+        top = _Section(d, source)
+        model_type = top.get("model_type", "str", None)
         if model_type == "internvl":
-            return cls._from_transformers(d)
+            return _with_source(source, lambda: cls._from_transformers(top))
         if model_type == "internvl_chat":
-            return cls._from_opengvlab(d)
-        raise ValueError(f"config.json: model_type must be 'internvl' or 'internvl_chat', got {model_type!r}")
+            return _with_source(source, lambda: cls._from_opengvlab(top))
+        raise ValueError(f"{source}: model_type must be 'internvl' or 'internvl_chat', got {model_type!r}")
 
     @classmethod
-    def _from_transformers(cls, d: dict) -> "InternVLConfig":
-        v = d.get("vision_config") or {}
-        t = d.get("text_config") or {}
-        if v.get("use_mean_pooling", True) is False:
+    def _from_transformers(cls, top: "_Section") -> "InternVLConfig":
+        v = top.section("vision_config")
+        t = top.section("text_config")
+        if v.get("use_mean_pooling", "bool", True) is False:
             raise ValueError("vision_config.use_mean_pooling=False (a final vision LayerNorm) is not supported")
-        if v.get("use_absolute_position_embeddings", True) is False:
+        if v.get("use_absolute_position_embeddings", "bool", True) is False:
             raise ValueError("vision_config.use_absolute_position_embeddings=False is not supported")
-        if d.get("vision_feature_select_strategy", "default") != "default":
+        if top.get("vision_feature_select_strategy", "str", "default") != "default":
             raise ValueError("only vision_feature_select_strategy='default' (drop CLS) is supported")
-        if d.get("projector_hidden_act", "gelu") != "gelu":
-            raise ValueError(f"projector_hidden_act must be 'gelu', got {d.get('projector_hidden_act')!r}")
+        _check_act(top.get("projector_hidden_act", "str", "gelu"), "gelu", "projector_hidden_act")
         vision = VisionConfig(
-                hidden_size=v.get("hidden_size", 1024),
-                num_layers=v.get("num_hidden_layers", 24),
-                num_heads=v.get("num_attention_heads", 16),
-                intermediate_size=v.get("intermediate_size", 4096),
-                image_size=_pair_to_int(v.get("image_size", 448), "vision_config.image_size"),
-                patch_size=_pair_to_int(v.get("patch_size", 14), "vision_config.patch_size"),
-                num_channels=v.get("num_channels", 3),
-                qkv_bias=v.get("attention_bias", False),
-                qk_norm=v.get("use_qk_norm", False),
-                norm_type=v.get("norm_type", "layer_norm"),
-                layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+                **_vision_sizes(v),
+                image_size=v.get("image_size", "pair", 448),
+                patch_size=v.get("patch_size", "pair", 14),
+                qkv_bias=v.get("attention_bias", "bool", False),
+                qk_norm=v.get("use_qk_norm", "bool", False),
         )
-        _check_act(v.get("hidden_act", "gelu"), "gelu", "vision_config.hidden_act")
         # transformers v5 ties by the top-level flag (default True); older files only had text_config's.
-        tie = d.get("tie_word_embeddings", t.get("tie_word_embeddings", True))
-        feature_layer = d.get("vision_feature_layer", -1)
+        tie = top.get("tie_word_embeddings", "bool", t.get("tie_word_embeddings", "bool", True))
         return cls(
                 vision=vision,
                 text=_text_from_qwen2(t, tie),
-                downsample_ratio=d.get("downsample_ratio", 0.5),
-                image_token_id=d.get("image_token_id"),
-                select_layer=feature_layer,
+                downsample_ratio=top.get("downsample_ratio", "float", 0.5),
+                image_token_id=top.get("image_token_id", "int | None"),
+                select_layer=top.get("vision_feature_layer", "int", -1),
         )
 
     @classmethod
-    def _from_opengvlab(cls, d: dict) -> "InternVLConfig":
-        v = d.get("vision_config") or {}
-        t = d.get("llm_config") or {}
-        image_size = d.get("force_image_size") or v.get("image_size", 448)
+    def _from_opengvlab(cls, top: "_Section") -> "InternVLConfig":
+        v = top.section("vision_config")
+        t = top.section("llm_config")
+        if top.d.get("force_image_size") is not None:
+            image_size = top.get("force_image_size", "pair")
+        else:
+            image_size = v.get("image_size", "pair", 448)
         vision = VisionConfig(
-                hidden_size=v.get("hidden_size", 1024),
-                num_layers=v.get("num_hidden_layers", 24),
-                num_heads=v.get("num_attention_heads", 16),
-                intermediate_size=v.get("intermediate_size", 4096),
-                image_size=_pair_to_int(image_size, "force_image_size"),
-                patch_size=_pair_to_int(v.get("patch_size", 14), "vision_config.patch_size"),
-                num_channels=v.get("num_channels", 3),
-                qkv_bias=v.get("qkv_bias", True),
-                qk_norm=v.get("qk_normalization", False),
-                norm_type=v.get("norm_type", "layer_norm"),
-                layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+                **_vision_sizes(v),
+                image_size=image_size,
+                patch_size=v.get("patch_size", "pair", 14),
+                qkv_bias=v.get("qkv_bias", "bool", True),
+                qk_norm=v.get("qk_normalization", "bool", False),
         )
-        _check_act(v.get("hidden_act", "gelu"), "gelu", "vision_config.hidden_act")
-        llm_arch = (t.get("architectures") or ["Qwen2ForCausalLM"])[0]
-        if llm_arch != "Qwen2ForCausalLM":
-            raise ValueError(f"llm_config.architectures: only Qwen2ForCausalLM is supported, got {llm_arch!r}")
+        architectures = t.d.get("architectures") or ["Qwen2ForCausalLM"]
+        if not isinstance(architectures, list) or architectures[0] != "Qwen2ForCausalLM":
+            raise ValueError(f"llm_config.architectures: only Qwen2ForCausalLM is supported, got {architectures!r}")
         # InternVLChatConfig forces tie_word_embeddings=False for every size.
-        tie = d.get("tie_word_embeddings", False)
+        tie = top.get("tie_word_embeddings", "bool", False)
         return cls(
                 vision=vision,
                 text=_text_from_qwen2(t, tie),
-                downsample_ratio=d.get("downsample_ratio", 0.5),
-                image_token_id=d.get("image_token_id"),
-                select_layer=d.get("select_layer", -1),
-                ps_version=d.get("ps_version", "v2"),
+                downsample_ratio=top.get("downsample_ratio", "float", 0.5),
+                image_token_id=top.get("image_token_id", "int | None"),
+                select_layer=top.get("select_layer", "int", -1),
+                ps_version=top.get("ps_version", "str", "v2"),
         )
 
 
@@ -256,30 +331,44 @@ def _check_act(value: str, expected: str, name: str) -> None:
         raise ValueError(f"{name} must be {expected!r}, got {value!r}")
 
 
-def _text_from_qwen2(t: dict, tie: bool) -> TextConfig:
-    """Qwen2Config dict (v4 `rope_theta` or v5 `rope_parameters`) -> TextConfig."""
-    rope = t.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", t.get("rope_theta", 1_000_000.0))
-    scaling = t.get("rope_scaling") or rope
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+def _vision_sizes(v: _Section) -> dict:
+    """The VisionConfig fields both layouts spell alike."""
+    _check_act(v.get("hidden_act", "str", "gelu"), "gelu", "vision_config.hidden_act")
+    return dict(
+            hidden_size=v.get("hidden_size", "positive"),
+            num_layers=v.get("num_hidden_layers", "positive"),
+            num_heads=v.get("num_attention_heads", "positive"),
+            intermediate_size=v.get("intermediate_size", "positive"),
+            num_channels=v.get("num_channels", "positive", 3),
+            norm_type=v.get("norm_type", "str", "layer_norm"),
+            layer_norm_eps=v.get("layer_norm_eps", "float", 1e-6),
+    )
+
+
+def _text_from_qwen2(t: _Section, tie: bool) -> TextConfig:
+    """Qwen2Config section (v4 `rope_theta` or v5 `rope_parameters`) -> TextConfig."""
+    rope = t.section("rope_parameters", {})
+    theta = rope.get("rope_theta", "float", t.get("rope_theta", "float", 1_000_000.0))
+    scaling = t.section("rope_scaling", {}) if t.d.get("rope_scaling") is not None else rope
+    rope_type = scaling.get("rope_type", "str", scaling.get("type", "str", "default"))
     if rope_type not in ("default", "dynamic"):
         # Dynamic NTK only changes anything beyond max_position_embeddings; others are not implemented.
         raise ValueError(f"rope type {rope_type!r} is not supported (default or dynamic only)")
-    if t.get("use_sliding_window", False):
+    if t.get("use_sliding_window", "bool", False):
         raise ValueError("Qwen2 sliding-window attention is not supported")
-    _check_act(t.get("hidden_act", "silu"), "silu", "text hidden_act")
-    hidden = t.get("hidden_size", 896)
-    heads = t.get("num_attention_heads", 14)
+    _check_act(t.get("hidden_act", "str", "silu"), "silu", f"{t.prefix}hidden_act")
+    hidden = t.get("hidden_size", "positive")
+    heads = t.get("num_attention_heads", "positive")
     return TextConfig(
-            vocab_size=t.get("vocab_size", 151674),
+            vocab_size=t.get("vocab_size", "positive"),
             hidden_size=hidden,
-            intermediate_size=t.get("intermediate_size", 4864),
-            num_layers=t.get("num_hidden_layers", 24),
+            intermediate_size=t.get("intermediate_size", "positive"),
+            num_layers=t.get("num_hidden_layers", "positive"),
             num_heads=heads,
-            num_kv_heads=t.get("num_key_value_heads", heads),
-            head_dim=t.get("head_dim") or hidden // heads,
-            rope_theta=float(theta),
-            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=t.get("max_position_embeddings", 32768),
-            tie_word_embeddings=bool(tie),
+            num_kv_heads=t.get("num_key_value_heads", "positive", heads),
+            head_dim=t.get("head_dim", "int | None") or hidden // heads,
+            rope_theta=theta,
+            rms_norm_eps=t.get("rms_norm_eps", "float", 1e-6),
+            max_position_embeddings=t.get("max_position_embeddings", "int", 32768),
+            tie_word_embeddings=tie,
     )

@@ -6,6 +6,7 @@ A task is an `nnx.Module` subclass of `Task` with
   batch_fields       batch keys its loss and metrics read (collected per example for evaluation);
   eval_outputs       keys of its outputs collected per example for evaluation (leading axis = batch rows);
   last_value_terms   loss terms logged as their last value instead of the mean over the logging window;
+  metric_names       the keys `metrics` returns (``config.checkpoint.best_metric`` is checked against them);
   __init__(cfg, widths, *, rngs)        cfg = config.tasks.<name>, widths = `Widths` of the shared features;
   __call__(features, batch, *, train)   -> dict of outputs;
   loss(outputs, batch, valid)           -> dict of float32[] terms, "loss" being what the task optimises;
@@ -71,6 +72,7 @@ class Task(nnx.Module):
     batch_fields: ClassVar[tuple[str, ...]] = ()
     eval_outputs: ClassVar[tuple[str, ...]] = ()
     last_value_terms: ClassVar[tuple[str, ...]] = ()
+    metric_names: ClassVar[tuple[str, ...]] = ()  # the keys `metrics` returns (checked before a run starts)
 
     def __init__(self, cfg: ml_collections.ConfigDict, widths: Widths, *, rngs: nnx.Rngs):
         self.weight = float(cfg.weight)

@@ -20,6 +20,7 @@ class BoxTask(Task):
     name = "box"
     batch_fields = ("box", "has_box")
     eval_outputs = ("box_pred",)
+    metric_names = ("box_iou", "box_giou", "box_l1", "box_acc@0.5")
 
     def __init__(self, cfg, widths, *, rngs):
         super().__init__(cfg, widths, rngs=rngs)

@@ -19,6 +19,8 @@ class ContrastiveTask(Task):
     batch_fields = ("image_id",)
     eval_outputs = ("image_emb", "text_emb")
     last_value_terms = ("logit_scale",)
+    metric_names = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "chance/i2t_r1", "chance/t2i_r1",
+                    "num_images", "num_texts")
 
     def __init__(self, cfg, widths, *, rngs):
         super().__init__(cfg, widths, rngs=rngs)

@@ -16,6 +16,7 @@ class SpatialTask(Task):
     name = "spatial"
     batch_fields = ("relation", "has_relation")
     eval_outputs = ("spatial_logits",)
+    metric_names = ("spatial_acc", "spatial_f1", "chance/spatial_acc")
 
     def __init__(self, cfg, widths, *, rngs):
         super().__init__(cfg, widths, rngs=rngs)

@@ -1,0 +1,126 @@
+"""Checks of a run's config that must fail before any data is built or any step compiled.
+
+``validate(config)`` lists every problem it finds in one `ConfigError`: step counts and intervals, retention,
+batch sizes against the mesh's data-parallel size, ``best_metric`` against the metrics the configured tasks
+produce. ``validate_splits`` checks split names against the built dataset. ``check_override_keys`` is for the
+command line: an override of a field the config file does not have is named with the nearest valid fields.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _metric_problem(config, task_classes: dict) -> str | None:
+    """Why ``config.checkpoint.best_metric`` cannot be read from an evaluation (None when it can)."""
+    name = config.checkpoint.best_metric
+    split, _, metric = name.partition("/")
+    if split not in tuple(config.eval_splits):
+        return (f"checkpoint.best_metric={name!r}: its split {split!r} is not evaluated "
+                f"(eval_splits={tuple(config.eval_splits)}); expected 'split/metric'")
+    produced = sorted({m for t in task_classes.values() for m in t.metric_names})
+    if metric in produced or metric == "loss/total":
+        return None
+    if metric.startswith("loss/") and any(metric[5:] == t or metric[5:].startswith(f"{t}_") for t in task_classes):
+        return None
+    near = difflib.get_close_matches(metric, produced + ["loss/total"], n=3)
+    return (f"checkpoint.best_metric={name!r}: no configured task produces {metric!r} (tasks "
+            f"{sorted(task_classes)} produce {produced}, and loss/<term>)" + (f"; did you mean {near}?" if near else ""))
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises `ConfigError` listing every problem of ``config`` found without data or compilation.
+    ``num_devices`` (default: all devices) sizes the mesh for the batch-size check."""
+    from vlm_jax import sharding, tasks
+
+    problems = []
+
+    def need(ok: bool, message: str):
+        if not ok:
+            problems.append(message)
+
+    need(int(config.num_train_steps) > 0 or float(config.num_epochs) > 0,
+         f"num_train_steps={config.num_train_steps} and num_epochs={config.num_epochs}: one must be > 0")
+    need(int(config.log_every) >= 1, f"log_every={config.log_every}: expected >= 1")
+    need(int(config.eval_every) >= 0, f"eval_every={config.eval_every}: expected >= 0 (0 = only at the end)")
+    need(int(config.max_consecutive_nonfinite) >= 1,
+         f"max_consecutive_nonfinite={config.max_consecutive_nonfinite}: expected >= 1")
+    ckpt = config.checkpoint
+    need(int(ckpt.every_steps) >= 1, f"checkpoint.every_steps={ckpt.every_steps}: expected >= 1")
+    need(int(ckpt.keep) >= 1, f"checkpoint.keep={ckpt.keep}: expected >= 1 (the newest checkpoint is always kept)")
+    need(ckpt.best_mode in ("max", "min"), f"checkpoint.best_mode={ckpt.best_mode!r}: expected 'max' or 'min'")
+    need(int(config.optim.accum_steps) >= 1, f"optim.accum_steps={config.optim.accum_steps}: expected >= 1")
+    unknown = sorted(set(config.tasks.keys()) - set(tasks.TASKS))
+    need(not unknown, f"tasks {unknown} are unknown; known tasks: {sorted(tasks.TASKS)}")
+    need(bool(config.tasks), "config.tasks names no task")
+    if ckpt.best_metric and not unknown:
+        problem = _metric_problem(config, {k: tasks.TASKS[k] for k in config.tasks.keys()})
+        need(problem is None, problem or "")
+    try:
+        import jax
+
+        mesh_shape = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
+        data_parallel = math.prod(s for a, s in zip(sharding.MESH_AXES, mesh_shape) if a in sharding.BATCH_AXES)
+        for field in ("batch_size", "eval_batch_size"):
+            size = int(config[field])
+            need(size >= 1 and size % data_parallel == 0,
+                 f"{field}={size}: expected a positive multiple of the data-parallel size {data_parallel} "
+                 f"(mesh {dict(zip(sharding.MESH_AXES, mesh_shape))})")
+    except ValueError as err:
+        problems.append(f"mesh={config.mesh.to_dict()}: {err}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def validate_splits(config: ml_collections.ConfigDict, available: Iterable[str], *, train: bool = True) -> None:
+    """Raises `ConfigError` when ``data.train_split`` (if ``train``) or an ``eval_splits`` entry is not one of the
+    dataset's splits ``available``."""
+    available = sorted(available)
+    wanted = ([("data.train_split", config.data.train_split)] if train else []) + [
+        ("eval_splits", s) for s in config.eval_splits]
+    missing = [f"{field}={name!r}" for field, name in wanted if name not in available]
+    if missing:
+        raise ConfigError(f"dataset {config.data.name!r} has no split {', '.join(missing)}; its splits: {available}")
+
+
+def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in config.items():
+        out.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            out.extend(_leaf_keys(value, f"{prefix}{key}."))
+    return out
+
+
+def unknown_override_keys(config: ml_collections.ConfigDict, argv: Sequence[str]) -> list[str]:
+    """One line per ``--config.<key>=...`` argument whose key ``config`` lacks, with the nearest valid keys."""
+    keys = _leaf_keys(config)
+    lines = []
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        if key not in keys:
+            near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            lines.append(f"unknown config field {key!r}" + (f"; nearest: {', '.join(near)}" if near else
+                                                             " (--print_config lists the fields)"))
+    return lines
+
+
+def config_file_argument(argv: Sequence[str]) -> tuple[str, str | None] | None:
+    """``(path, argument or None)`` from ``--config path[:argument]``, or None without ``--config``."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+        if value is not None:
+            path, _, argument = value.partition(":")
+            return path, argument or None
+    return None
