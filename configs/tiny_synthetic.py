@@ -108,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_splits = ("validation",)
     c.max_consecutive_nonfinite = 5
 
-    # best_metric "split/metric" (e.g. "validation/t2i_r1") keeps the best checkpoints instead of the latest.
+    # Kept: the newest checkpoint + the `keep` newest, or with best_metric "split/metric" (e.g. "validation/t2i_r1")
+    # the `keep` best among those written at evaluations. A checkpoint is also written at every evaluation.
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, best_metric="", best_mode="max",
                                                   async_save=True))
     return c

@@ -228,3 +228,25 @@ def test_an_unknown_override_is_one_line_with_the_nearest_fields():
                                   "optim.groups.all, optim.groups.all.schedule")
 
 
+
+
+@pytest.mark.parametrize("name", ["tiny_synthetic.py", "tiny_synthetic_stage2.py", "internvl3_1b_retrieval.py",
+                                  "internvl3_1b_retrieval_stage2.py", "internvl3_1b_retrieval_stage2.py:stage1"])
+def test_every_shipped_config_passes_the_checks(name):
+    from vlm_jax import config_files
+
+    path, _, argument = name.partition(":")
+    config_check.validate(config_files.load_config_file(REPO / "configs" / path, argument or None), num_devices=1)
+
+
+def test_fingerprints_follow_the_formula_on_host_and_on_device():
+    """fingerprint = sum_i word_i * (2i + 1) mod 2**32, from the float32 bits (direct formula in Python ints)."""
+    x = np.array([1.0, 2.0, -0.5], np.float32)
+    words = [int(w) for w in x.view(np.uint32)]
+    expected = f"{sum(w * (2 * i + 1) for i, w in enumerate(words)) % 2**32:08x}"
+    assert integrity.scan({"x": x})[0] == {"x": expected}
+    on_device = jax.jit(lambda a: integrity._fingerprint(a, jax.numpy))(jax.numpy.asarray(x))
+    assert f"{int(on_device[0]):08x}" == expected
+    flipped = x.copy()
+    flipped.view(np.uint8)[5] ^= 1
+    assert integrity.scan({"x": flipped})[0] != {"x": expected}

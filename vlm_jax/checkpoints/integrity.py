@@ -8,8 +8,8 @@ numbers and summed modulo 2**32:
 
 A change of any one word changes the sum (an odd factor has an inverse modulo 2**32), so a flipped byte is always
 found; independent damage in several words goes unnoticed with probability 2**-32. Addition modulo 2**32 does not
-depend on the order of the terms, so the sum is computed on device over sharded arrays (one jitted reduction per
-tree, no host copy of the arrays) and equals the numpy sum over a host copy.
+depend on the order of the terms, so accelerator arrays are summed on their devices, sharded (one jitted reduction
+per tree, no host copy), and CPU arrays by numpy in place (no compilation); both give the same number.
 
 The same pass reports which floating-point arrays hold NaN or Inf: such a state is never saved, and never restored.
 """
@@ -70,12 +70,18 @@ def _key_name(key) -> str:
     return str(key)
 
 
+def _in_host_memory(x: jax.Array) -> bool:
+    """CPU arrays this process holds whole: summed by numpy in place (no compilation); others on their devices."""
+    return x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices())
+
+
 def scan(tree) -> tuple[dict[str, str], list[str]]:
     """``({path: fingerprint as 8 hex digits}, [paths of floating arrays holding NaN/Inf])`` of a pytree of jax
-    or numpy arrays. jax arrays are fingerprinted on device (works for arrays sharded over several processes)."""
+    or numpy arrays. Accelerator arrays (and arrays sharded over several processes) are fingerprinted on their
+    devices; CPU arrays and numpy arrays by numpy, in place."""
     flat = _flat(tree)
     names = list(flat)
-    on_device = [n for n in names if isinstance(flat[n], jax.Array)]
+    on_device = [n for n in names if isinstance(flat[n], jax.Array) and not _in_host_memory(flat[n])]
     results = {}
     if on_device:
         for name, (total, finite) in zip(on_device, jax.device_get(_device_fingerprints([flat[n] for n in on_device]))):
