@@ -4,7 +4,7 @@ Run:
     python -m vlm_jax.main --config configs/tiny_synthetic.py --workdir /tmp/tiny_synthetic
 
 Measured on the 2-core CPU with nothing else running (3000 steps of batch 32, fresh workdir and tfds data_dir, so
-building the dataset is included): 8 min 45 s and 9 min 41 s wall in two runs. Validation split (500 images, 1000
+building the dataset is included): 8 min 45 s, 9 min 41 s and 9 min 06 s wall in three runs. Validation split (500 images, 1000
 captions), step 3000:
     retrieval text->image R@1 / R@5 / R@10 = 7.6 / 28.6 / 39.8 %   (chance 0.2 / 1 / 2 %)
               image->text R@1 / R@5 / R@10 = 4.0 / 22.4 / 35.0 %   (chance ~0.2 / 1 / 2 %)
