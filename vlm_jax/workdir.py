@@ -77,13 +77,14 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(v, Mapping):
             out.update(_flatten(v, key + "."))
         else:
-            out[key] = list(v) if isinstance(v, tuple) else v
+            out[key] = v
     return out
 
 
 def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``[(field, stored value, current value)]`` over every leaf field that differs (missing = None)."""
-    a, b = _flatten(stored), _flatten(json.loads(json.dumps(dict(current))))
+    """``[(field, stored value, current value)]`` over every leaf field that differs (missing = None); both
+    configs as JSON dicts (``json.loads(config.to_json())``)."""
+    a, b = _flatten(stored), _flatten(current)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

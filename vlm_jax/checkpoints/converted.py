@@ -77,11 +77,7 @@ def _read_meta(path: str) -> dict:
     if not os.path.exists(config_path):
         raise ValueError(f"{path}: not a converted checkpoint (no {CONFIG_FILE}; write one with "
                          "`python -m vlm_jax.convert`).")
-    try:
-        with open(config_path) as f:
-            meta = json.load(f)
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise CheckpointError(f"{config_path}: not valid JSON ({err}); {_RECONVERT}") from None
+    meta = hf.read_json(config_path, error=CheckpointError, hint=f"; {_RECONVERT}")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else meta
         raise ValueError(f"{config_path}: unknown converted format {found!r}, expected {FORMAT!r}")
@@ -160,15 +156,10 @@ def _check_layout(target: dict, stored: dict, what: str) -> None:
     unexpected = sorted(set(stored) - set(target))
     shapes = [f"{k}: stored {tuple(stored[k].shape)}, model expects {tuple(target[k].shape)}"
               for k in sorted(set(target) & set(stored)) if tuple(stored[k].shape) != tuple(target[k].shape)]
-    problems = ([f"missing {_listed(missing)}"] if missing else []) + \
-               ([f"not in the model {_listed(unexpected)}"] if unexpected else []) + shapes[:5]
+    problems = ([f"missing {integrity.listed(missing)}"] if missing else []) + \
+               ([f"not in the model {integrity.listed(unexpected)}"] if unexpected else []) + shapes[:5]
     if problems:
         raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
-
-
-def _listed(names: list[str], limit: int = 5) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def _cast_like(arrays: dict, target: dict) -> dict:

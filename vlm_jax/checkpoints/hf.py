@@ -43,11 +43,7 @@ def read_config(directory: str) -> tuple[dict, InternVLConfig, str]:
                              "`python -m vlm_jax.convert`.")
         raise ValueError(f"{directory}: no config.json (a Hugging Face checkpoint) or {CONVERTED_CONFIG} "
                          "(a converted one)")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    raw = read_json(path)
     cfg = InternVLConfig.from_hf_dict(raw, source=path)
     layout = "opengvlab" if raw.get("model_type") == "internvl_chat" else "transformers"
     return raw, cfg, layout
@@ -76,12 +72,18 @@ def _token_tables(directory: str):
     yield _read_json(directory, "vocab.json")
 
 
+def read_json(path: str, *, error: type[Exception] = ValueError, hint: str = ""):
+    """The JSON value in ``path``; an unreadable or invalid file raises ``error`` naming it (then ``hint``)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise error(f"{path}: not a readable JSON file ({err}){hint}") from None
+
+
 def _read_json(directory: str, name: str) -> dict:
     path = os.path.join(directory, name)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path) if os.path.exists(path) else {}
 
 
 def resolve_image_token_id(directory: str, cfg: InternVLConfig, layout: str, override: int | None) -> int:

@@ -99,7 +99,7 @@ def check_finite(tree, what: str) -> dict[str, str]:
     fingerprints, nonfinite = scan(tree)
     if nonfinite:
         raise CheckpointError(f"{what}: {len(nonfinite)} array(s) hold NaN or Inf, refusing them: "
-                              f"{_names(nonfinite)}")
+                              f"{listed(nonfinite)}")
     return fingerprints
 
 
@@ -111,15 +111,16 @@ def verify(tree, expected: Mapping[str, str], what: str) -> None:
     if changed:
         n = changed[0]
         raise CheckpointError(f"{what} is damaged: {len(changed)} array(s) differ from the fingerprints recorded at "
-                              f"save: {_names(changed)} (e.g. {n}: expected {expected[n]}, read {found[n]}).")
+                              f"save: {listed(changed)} (e.g. {n}: expected {expected[n]}, read {found[n]}).")
     unknown = [n for n in found if n not in expected]
     if unknown:
-        raise CheckpointError(f"{what}: no fingerprint recorded for {len(unknown)} array(s): {_names(unknown)} "
+        raise CheckpointError(f"{what}: no fingerprint recorded for {len(unknown)} array(s): {listed(unknown)} "
                               f"(recorded: {len(expected)} arrays).")
     if nonfinite:
-        raise CheckpointError(f"{what}: {len(nonfinite)} array(s) hold NaN or Inf, refusing them: {_names(nonfinite)}")
+        raise CheckpointError(f"{what}: {len(nonfinite)} array(s) hold NaN or Inf, refusing them: {listed(nonfinite)}")
 
 
-def _names(paths: list[str], limit: int = 5) -> str:
+def listed(paths: list[str], limit: int = 5) -> str:
+    """The first ``limit`` names, comma-separated, then "and N more"."""
     more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
     return ", ".join(paths[:limit]) + more

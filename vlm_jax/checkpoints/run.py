@@ -26,7 +26,6 @@ backbone directory from ``python -m vlm_jax.convert``, or a stage-1 workdir: bac
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -39,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from vlm_jax.checkpoints import converted, integrity
+from vlm_jax.checkpoints import converted, hf, integrity
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "damaged_checkpoints"
@@ -268,11 +267,7 @@ def read_meta(workdir: str, step: int | None = None) -> dict:
     """The JSON ``meta`` item of checkpoint ``step`` (default: the latest)."""
     step = max(checkpoint_steps(workdir)) if step is None else step
     path = os.path.join(workdir, CHECKPOINT_SUBDIR, str(step), "meta", "metadata")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise integrity.CheckpointError(f"{path}: cannot read the checkpoint's metadata ({err})") from err
+    return hf.read_json(path, error=integrity.CheckpointError, hint=" (the checkpoint's metadata)")
 
 
 def restore_modules(init_from: str, abstract_model, keys=("backbone",)) -> dict:
