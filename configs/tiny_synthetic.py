@@ -1,7 +1,7 @@
 """Tiny InternVL trained from scratch with the multitask heads on `spatial_shapes` (the default demo).
 
 Run:
-    python -m vlm_jax.main --config configs/tiny_synthetic.py --workdir /tmp/tiny_synthetic
+    python -m vlm_jax.main --config configs/tiny_synthetic.py --workdir /tmp/vlm_jax_demo
 
 Measured on the 2-core CPU with nothing else running (3000 steps of batch 32, fresh workdir and tfds data_dir, so
 building the dataset is included): 8 min 45 s, 9 min 41 s and 9 min 06 s wall in three runs. Validation split (500 images, 1000

@@ -1,9 +1,9 @@
 """Stage 2 of the tiny demo: stage 1's backbone, frozen; adapters, projectors and heads trained afresh.
 
 Run after configs/tiny_synthetic.py (its workdir is the init_from here):
-    python -m vlm_jax.main --config configs/tiny_synthetic.py --workdir /tmp/tiny_synthetic
-    python -m vlm_jax.main --config configs/tiny_synthetic_stage2.py --workdir /tmp/tiny_synthetic_stage2 \
-        --config.init_from=/tmp/tiny_synthetic
+    python -m vlm_jax.main --config configs/tiny_synthetic.py --workdir /tmp/vlm_jax_demo
+    python -m vlm_jax.main --config configs/tiny_synthetic_stage2.py --workdir /tmp/vlm_jax_demo_stage2 \
+        --config.init_from=/tmp/vlm_jax_demo
 
 Measured on the 2-core CPU with nothing else running: 6 min 39 s wall (3000 steps; no backward through the
 backbone). Validation split, step 3000 (stage 1 in parentheses):
@@ -18,7 +18,7 @@ from vlm_jax.config_files import load_sibling
 
 def get_config():
     c = load_sibling(__file__, "tiny_synthetic")
-    c.init_from = "/tmp/tiny_synthetic"
+    c.init_from = "/tmp/vlm_jax_demo"
     c.optim.rules = (("backbone/.*", "frozen"), (".*", "heads"))
     c.optim.groups = {"heads": dict(lr=1e-3, weight_decay=0.01, schedule="linear", warmup_frac=0.1,
                                     end_lr_frac=0.0)}

@@ -41,7 +41,7 @@ RUNS = {
     "seed_recipe": SEED_HEADS + ["--config.model.embedding.text_pool=first"],
 }
 
-KEYS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "loss/itm", "loss/itm_acc", "box_iou", "box_giou", "box_l1",
+KEYS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "loss/itm", "itm_acc", "box_iou", "box_giou", "box_l1",
         "box_acc50", "spatial_acc", "spatial_f1")
 
 

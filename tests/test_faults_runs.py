@@ -44,6 +44,7 @@ def played(tmp_path_factory, data_dir):
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "fault_scenarios.py"), str(out), data_dir],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    print("scenario seconds:", [line for line in proc.stderr.splitlines() if line.endswith(" s")])
     with open(out / "results.json") as f:
         results = json.load(f)
     return results
@@ -149,6 +150,17 @@ def test_an_allowed_config_change_returns_the_changes():
     current.optim.groups.all.lr = 5e-4
     changes = workdir_lib.check_resume_config(stored, json.loads(current.to_json()), "ckpt", allow_change=True)
     assert changes == [("optim.groups.all.lr", 1e-3, 5e-4)]
+
+
+# ---- a finished workdir ---------------------------------------------------------------------------------------------
+
+def test_a_finished_workdir_trains_nothing_and_prints_the_summary(played):
+    r = scenario(played, "finished")
+    text = "\n".join(r["log"])
+    assert "Run complete: step 8 of 8" in text, text
+    assert "Checkpoints: " in text and "newest: step 8" in text and "tensorboard --logdir" in text
+    assert not any(line.startswith("step ") for line in r["log"])  # no training step ran
+    assert r["steps"] == [4, 6, 8]
 
 
 # ---- best-N retention ----------------------------------------------------------------------------------------------

@@ -12,8 +12,11 @@ notebook runs once per module in a fixture, in a background thread while the qui
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -130,14 +133,116 @@ def test_committed_ipynb_has_the_cells_of_its_text_notebook(name):
         assert "parameters" in params.metadata.get("tags", []) and "VLM_JAX_NOTEBOOK_TINY" in params.source
 
 
+# ---- the install cell (first code cell, the same in every notebook), run here with a recording `run` -------------
+
+PIP = [sys.executable, "-m", "pip", "install", "-q"]
+
+
+def install_cell() -> str:
+    return _code_cells(read_text_notebook(NOTEBOOKS[0]))[0].source
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_text_notebook_opens_on_colab_and_installs_vlm_jax(name):
+def test_notebook_says_how_to_open_it_on_colab_and_shares_the_install_cell(name):
     nb = read_text_notebook(name)
-    link = f"https://colab.research.google.com/github/YOUR_ORG/vlm_jax/blob/main/experiments/{name}.ipynb"
-    assert nb.cells[0].cell_type == "markdown" and f"[Open in Colab]({link})" in nb.cells[0].source
+    intro = nb.cells[0].source
+    assert nb.cells[0].cell_type == "markdown", name
+    assert f"colab.research.google.com/github/<owner>/<repo>/blob/main/experiments/{name}.ipynb" in intro
+    assert "File > Upload notebook" in intro and "`REPO_URL`" in intro and "pip wheel --no-deps ." in intro
     install = _code_cells(nb)[0].source
-    assert "REPO_URL" in install and 'find_spec("vlm_jax") is None' in install and "pip" in install
-    assert install == _code_cells(read_text_notebook(NOTEBOOKS[0]))[0].source, "one install cell for every notebook"
+    assert install == install_cell(), f"{name}: the install cell differs from {NOTEBOOKS[0]}'s"
+    assert '\nREPO_URL = ""  # @param {type:"string"}\n' in install  # one Colab form field, empty by default
+    for path in (TEXT_NOTEBOOKS / f"{name}.py", EXPERIMENTS / f"{name}.ipynb", TEXT_NOTEBOOKS / "README.md"):
+        made_up = re.findall(r"github(?:\.com)?/(?!<owner>/)[^/\s]+/", path.read_text())
+        assert not made_up, f"{path}: a GitHub owner that is not the reader's fork's `<owner>`: {made_up}"
+
+
+class Commands:
+    """A `run` for the install cell: records every command; runs git (a clone is cheap), never pip."""
+
+    def __init__(self, real_run):
+        self.calls, self.real_run = [], real_run
+
+    def __call__(self, cmd, check=False, **kwargs):
+        self.calls.append(list(cmd))
+        if cmd[0] == "git":
+            return self.real_run(cmd, check=check, capture_output=True, **kwargs)
+        return subprocess.CompletedProcess(cmd, 0)
+
+
+@pytest.fixture
+def fresh_runtime(tmp_path, monkeypatch):
+    """A runtime like a fresh Colab one: vlm_jax not importable, no GPU, the working folder outside any checkout.
+
+    Runs the install cell as written (REPO_URL empty, so it must raise) and returns its namespace, the recorder its
+    `run` defaults to and the working folder.
+    """
+    real_find_spec, real_which = importlib.util.find_spec, shutil.which
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "vlm_jax" else real_find_spec(name, *a, **k))
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "nvidia-smi" else real_which(name))
+    monkeypatch.delenv("COLAB_TPU_ADDR", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the cell prepends an editable checkout
+    commands = Commands(subprocess.run)
+    monkeypatch.setattr(subprocess, "run", commands)  # the cell's `run` default
+    work = tmp_path / "content"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    namespace = {}
+    with pytest.raises(RuntimeError) as error:
+        exec(install_cell(), namespace)
+    message = str(error.value)
+    assert "REPO_URL" in message and "pip wheel --no-deps ." in message and "vlm_jax-*.whl" in message, message
+    assert commands.calls == [], "nothing to install from, so nothing may run"
+    return namespace, commands, work
+
+
+def test_install_cell_without_url_or_wheel_says_what_to_set(fresh_runtime):
+    namespace, commands, _ = fresh_runtime
+    with pytest.raises(RuntimeError, match="set REPO_URL"):
+        namespace["install_vlm_jax"]("", namespace["CHECKOUT"])
+    assert commands.calls == []
+
+
+def test_install_cell_installs_an_uploaded_wheel(fresh_runtime, monkeypatch):
+    namespace, commands, work = fresh_runtime
+    wheel = work / "vlm_jax-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}")  # a GPU runtime
+    done = namespace["install_vlm_jax"]("", namespace["CHECKOUT"])
+    assert commands.calls == [PIP + ["jax[cuda12]==0.10.2"], PIP + [f"{wheel}[notebooks]"]]
+    assert str(wheel) in done and "restart the runtime" in done
+
+
+def test_install_cell_clones_repo_url_and_installs_the_clone(fresh_runtime, tmp_path):
+    namespace, commands, _ = fresh_runtime
+    fork = tmp_path / "fork"
+    (fork / "vlm_jax").mkdir(parents=True)
+    (fork / "setup.py").write_text("")
+    (fork / "vlm_jax" / "__init__.py").write_text("")
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "fork"]):
+        commands.real_run(["git", "-C", str(fork), "-c", "init.defaultBranch=main", "-c", "user.name=n",
+                           "-c", "user.email=n@example.com", *args], check=True, capture_output=True)
+    checkout = Path(namespace["CHECKOUT"])
+    done = namespace["install_vlm_jax"](fork.as_uri(), str(checkout))
+    assert commands.calls == [["git", "clone", "--depth", "1", fork.as_uri(), str(checkout)],
+                              PIP + ["-e", f"{checkout}[notebooks]"]]
+    assert (checkout / "vlm_jax" / "__init__.py").is_file() and sys.path[0] == str(checkout)
+    assert fork.as_uri() in done
+
+
+def test_install_cell_installs_the_checkout_it_was_opened_in(fresh_runtime, tmp_path, monkeypatch):
+    namespace, commands, work = fresh_runtime
+    repo = tmp_path / "repo"
+    (repo / "vlm_jax").mkdir(parents=True)
+    (repo / "setup.py").write_text("")
+    (repo / "experiments" / "notebooks").mkdir(parents=True)
+    (repo / "experiments" / "notebooks" / "vlm_jax-0.1.0-py3-none-any.whl").write_bytes(b"")  # a checkout wins
+    for folder in (repo / "experiments", repo / "experiments" / "notebooks"):
+        commands.calls.clear()
+        monkeypatch.chdir(folder)
+        namespace["install_vlm_jax"]("https://example.com/unused.git", namespace["CHECKOUT"])
+        assert commands.calls == [PIP + ["-e", f"{repo}[notebooks]"]], folder
 
 
 def test_install_cell_is_skipped_when_vlm_jax_is_importable(kernel_env):

@@ -74,12 +74,43 @@ def _assert_same_metrics(a, b):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+def _assert_quiet_console_with_a_summary(console: str) -> None:
+    """vlm_jax's own short lines: progress, evaluations, the summary; no third-party notices."""
+    lines = console.splitlines()
+    assert len(lines) < 60, console
+    for noise in ("PyTorch was not found", "libtpu", "oneDNN", "Using custom data configuration", "Hyperparameters",
+                  "Generating splits"):
+        assert noise not in console, noise
+    assert any(line.endswith(" · first step (with compilation) took " + line.split("took ")[-1])
+               for line in lines if "first step" in line)
+    assert "step 40/40 (100 %)" in console and "validation @ step 20: " in console
+    summary = console[console.index("Run complete: step 40 of 40"):]
+    assert "t2i_r1" in summary and "(chance" in summary and "tensorboard --logdir" in summary
+
+
+def _assert_tensorboard_layout(workdir) -> None:
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["tensors"])
+    for tag in ("loss/train/total", "loss/train/itc", "loss/validation/total", "validation/t2i_r1",
+                "train/itm_acc", "train/lr/all", "train/steps_per_sec", "validation/boxes",
+                "validation/spatial_confusion", "validation/retrieved_captions"):
+        assert tag in tags, (tag, sorted(tags))
+    assert not {"total", "grad_norm/all", "loss/validation/itm_acc", "validation/loss/total"} & tags
+    boxes = events.Tensors("validation/boxes")[-1].tensor_proto
+    assert len(boxes.string_val) >= 3  # width, height, then one encoded PNG per example
+
+
 def test_kill_resume_and_eval_match_an_uninterrupted_run(tmp_path, data_dir, run_env):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = subprocess.run(_cmd(ref_dir, data_dir), env=run_env, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
     ref_metrics = _jsonl(ref_dir / "metrics.jsonl")
     assert [m["step"] for m in ref_metrics] == [20, 40]
+    _assert_quiet_console_with_a_summary(ref.stderr + ref.stdout)
+    _assert_tensorboard_layout(ref_dir)
 
     # Same command, killed with SIGKILL once the first checkpoint is committed, then run again to the end.
     proc = subprocess.Popen(_cmd(run_dir, data_dir), env=run_env, stdout=subprocess.DEVNULL,
@@ -199,7 +230,8 @@ def test_init_from_converted_backbone_then_from_a_stage1_run(tmp_path):
     cfg = load_config("tiny_synthetic_stage2")
     cfg.model.backbone, cfg.model.converted_dir, cfg.model.tokenizer = "converted", out, ""
     cfg.init_from = ""
-    mesh = sharding.make_mesh({"data": -1})
+    cfg.mesh = {"data": 1}
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])  # one device compiles fastest; meshes are tested above
 
     def start(workdir, config):
         trainer = make_trainer(config, mesh, 10)

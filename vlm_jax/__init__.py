@@ -13,6 +13,7 @@ _LAZY = {
     "encode_images": ("vlm_jax.inference", "encode_images"),
     "encode_texts": ("vlm_jax.inference", "encode_texts"),
     "score": ("vlm_jax.inference", "score"),
+    "prepare_inputs": ("vlm_jax.inference", "prepare_inputs"),
     "generate": ("vlm_jax.generation", "generate"),
 }
 

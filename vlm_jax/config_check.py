@@ -26,10 +26,12 @@ def _metric_problem(config, task_classes: dict) -> str | None:
     if split not in tuple(config.eval_splits):
         return (f"checkpoint.best_metric={name!r}: its split {split!r} is not evaluated "
                 f"(eval_splits={tuple(config.eval_splits)}); expected 'split/metric'")
-    produced = sorted({m for t in task_classes.values() for m in t.metric_names})
+    diagnostics = {f"{t.name}_{k}" for t in task_classes.values() for k in t.diagnostic_terms}
+    produced = sorted({m for t in task_classes.values() for m in t.metric_names} | diagnostics)
     if metric in produced or metric == "loss/total":
         return None
-    if metric.startswith("loss/") and any(metric[5:] == t or metric[5:].startswith(f"{t}_") for t in task_classes):
+    term = metric.removeprefix("loss/")
+    if term != metric and term not in diagnostics and any(term == t or term.startswith(f"{t}_") for t in task_classes):
         return None
     near = difflib.get_close_matches(metric, produced + ["loss/total"], n=3)
     return (f"checkpoint.best_metric={name!r}: no configured task produces {metric!r} (tasks "

@@ -2,7 +2,8 @@
 
     python -m vlm_jax.demo [--workdir DIR]
 
-1. writes a small random InternVL checkpoint in Hugging Face (transformers) format to DIR/hf,
+1. writes a small random InternVL checkpoint in Hugging Face (transformers) format, with tokenizer files, to DIR/hf
+   (`python -m vlm_jax.random_checkpoint` writes the same on its own),
 2. converts it with the conversion command's code to DIR/converted (orbax),
 3. loads both with `vlm_jax.load_pretrained` and runs a padded two-image batch,
 4. if PyTorch is installed, runs transformers' InternVLForConditionalGeneration on the same checkpoint and
@@ -18,18 +19,10 @@ import time
 
 import numpy as np
 
-from vlm_jax.checkpoints.random_hf import write_random_checkpoint
+from vlm_jax import random_checkpoint
 from vlm_jax.convert import convert
 from vlm_jax.models.config import InternVLConfig
 from vlm_jax.pretrained import load_pretrained
-
-
-def demo_config() -> InternVLConfig:
-    """Small but not trivial: 64 px tiles of 8 px patches (16 image tokens per tile), 4+4 layers."""
-    return InternVLConfig.tiny(image_size=64, vocab_size=512, image_token_id=511,
-                               vision=dict(hidden_size=64, num_layers=4, num_heads=4, intermediate_size=256),
-                               text=dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                                         intermediate_size=192))
 
 
 def demo_batch(config: InternVLConfig, seed: int = 0):
@@ -61,10 +54,9 @@ def torch_reference(hf_dir: str, px, ids, mask):
 
 
 def run(workdir: str) -> dict:
-    config = demo_config()
     hf_dir, out_dir = os.path.join(workdir, "hf"), os.path.join(workdir, "converted")
-    write_random_checkpoint(hf_dir, config, layout="transformers", seed=0)
-    print(f"wrote a random Hugging Face checkpoint to {hf_dir}")
+    config = random_checkpoint.write(hf_dir, seed=0)
+    print(f"wrote a random Hugging Face checkpoint with tokenizer files to {hf_dir}")
     info = convert(hf_dir, out_dir)
     print(f"converted to {out_dir} ({info['load_s'] + info['save_s']:.2f} s)")
 

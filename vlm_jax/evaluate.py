@@ -1,8 +1,8 @@
 """Evaluation over a dataset split: run the eval step over every batch, gather the per-example outputs on the host,
 and let each task compute its metrics from them.
 
-Metric names are the tasks' own (`t2i_r1`, `box_iou`, `spatial_acc`, ...) plus ``loss/<term>``: the loss terms
-averaged over the split's batches.
+Metric names are the tasks' own (`t2i_r1`, `box_iou`, `spatial_acc`, ...), ``loss/<term>``: the loss terms averaged
+over the split's batches, and the tasks' diagnostic terms (e.g. `itm_acc`) where no metric of that name exists.
 """
 
 from __future__ import annotations
@@ -61,9 +61,18 @@ def collect(predict: Callable[[dict], Mapping], batches: Iterable[Mapping[str, n
 
 
 def compute_metrics(tasks: Iterable, collected: Mapping) -> dict[str, float]:
-    """Every task's metrics over the collected outputs, plus ``loss/<term>``."""
+    """Every task's metrics over the collected outputs, ``loss/<term>`` for the loss terms, and the diagnostic
+    terms that no metric already reports (averaged over batches)."""
+    from vlm_jax.tasks.base import diagnostic_names
+
+    tasks = list(tasks)
     out: dict[str, float] = {}
     for task in tasks:
         out.update(task.metrics(collected))
-    out.update({f"loss/{k}": float(v) for k, v in collected["loss_terms"].items()})
+    diagnostics = diagnostic_names(tasks)
+    for k, v in collected["loss_terms"].items():
+        if k not in diagnostics:
+            out[f"loss/{k}"] = float(v)
+        elif k not in out:
+            out[k] = float(v)
     return out

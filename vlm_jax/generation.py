@@ -29,9 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlm_jax.data import preprocess
-from vlm_jax.data.prompt import PromptBuilder
-from vlm_jax.inference import bucket_pow2, check_pixel_range, check_token_ids, module_of
+from vlm_jax.inference import bucket_pow2, build_prompt, check_pixel_range, check_token_ids, module_of
 
 # Prompts are left-padded to at least this many tokens (then to the next power of two).
 MIN_PROMPT_BUCKET = 16
@@ -217,23 +215,11 @@ def generate(model, tokenizer, images=None, prompt: str = "", max_new_tokens: in
     size; the prompt goes through the chat template with one `<image>` block per image (placed first unless the
     prompt has `<image>` tags). Stops at `<|im_end|>` or after `max_new_tokens`.
     """
-    model = module_of(model)
-    if images is None:
-        images = []
-    elif not isinstance(images, (list, tuple)):
-        images = [images]
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a string, got {type(prompt).__name__} {prompt!r}")
-    if not images and not prompt.strip():
-        raise ValueError("generate needs a prompt or an image: got no images and an empty prompt")
-    size = model.config.image_size
-    tiles = [preprocess.dynamic_tiles(im, size, 1, max_tiles, use_thumbnail, name=f"image {i}")
-             for i, im in enumerate(images)]
-    builder = PromptBuilder(tokenizer, model.config.num_image_tokens, template, system_message=system_message)
-    prompt_ids = builder.prompt_ids(prompt, [len(t) for t in tiles])
+    builder, prompt_ids, pixel_values = build_prompt(model, tokenizer, images, prompt, template=template,
+                                                     system_message=system_message, max_tiles=max_tiles,
+                                                     use_thumbnail=use_thumbnail)
     if template == "plain":
         prompt_ids = prompt_ids[:-1]  # "plain" ends sequences with EOS; here the model continues the text instead
-    pixel_values = np.concatenate(tiles) if tiles else None
     ids = np.asarray([prompt_ids], np.int32)
     out = generate_ids(model, ids, np.ones_like(ids), pixel_values, max_new_tokens=max_new_tokens,
                        eos_token_id=builder.eos_id, pad_token_id=builder.pad_id, sampling=sampling)[0]

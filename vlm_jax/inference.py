@@ -7,6 +7,7 @@ code, and a model whose weights changed (training) is seen fresh on every call.
     img = encode_images(model, ["a.jpg", "b.png"], tokenizer=tok)   # float32[N, D], unit norm
     txt = encode_texts(model, ["a cat", "a dog"], tokenizer=tok)     # float32[M, D], unit norm
     s = score(model, images, texts, tokenizer=tok)                   # float32[N, M] cosine similarities
+    inputs = prepare_inputs(model, tok, images=[pil], prompt="Describe it.")   # model(**inputs): logits
 
 Pooling:
 - images: "cls" / "mean" read the vision tower (CLS token / mean of patch tokens; D = vision width). "lm_last" /
@@ -175,6 +176,46 @@ def load_pixels(model, images: Sequence, image_size: int | None = None) -> np.nd
     size = image_size or model.config.image_size
     return np.stack([preprocess.single_tile(im, size, name=f"image {i}") for i, im in enumerate(images)]) \
         if len(images) else np.zeros((0, size, size, 3), np.float32)
+
+
+def build_prompt(model, tokenizer, images=None, prompt: str = "", *, template: str = "internvl2_5",
+                 system_message: str | None = None, max_tiles: int = 12,
+                 use_thumbnail: bool = True) -> tuple[PromptBuilder, list[int], np.ndarray | None]:
+    """One prompt about `images` as InternVL builds it: -> (builder, prompt ids, pixel_values float32[N, S, S, 3]
+    or None without images).
+
+    images: paths, bytes, PIL images or uint8 arrays; a single one or a list; None for text only. Each is tiled
+    by `dynamic_tiles` (up to `max_tiles` tiles + thumbnail) at the model's image size S, and its `<image>` block
+    holds num_image_tokens x tiles `<IMG_CONTEXT>` tokens (blocks go first unless the prompt places `<image>` tags).
+    """
+    model = module_of(model)
+    if images is None:
+        images = []
+    elif not isinstance(images, (list, tuple)):
+        images = [images]
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__} {prompt!r}")
+    if not images and not prompt.strip():
+        raise ValueError("needs a prompt or an image: got no images and an empty prompt")
+    size = model.config.image_size
+    tiles = [preprocess.dynamic_tiles(im, size, 1, max_tiles, use_thumbnail, name=f"image {i}")
+             for i, im in enumerate(images)]
+    builder = PromptBuilder(tokenizer, model.config.num_image_tokens, template, system_message=system_message)
+    prompt_ids = builder.prompt_ids(prompt, [len(t) for t in tiles])
+    return builder, prompt_ids, (np.concatenate(tiles) if tiles else None)
+
+
+def prepare_inputs(model, tokenizer, images=None, prompt: str = "", *, template: str = "internvl2_5",
+                   system_message: str | None = None, max_tiles: int = 12, use_thumbnail: bool = True) -> dict:
+    """The model's inputs for one prompt about `images` (built by `build_prompt`), ready for `model(**inputs)`:
+
+    {"pixel_values": float32[N_tiles, S, S, 3] or None, "input_ids": int32[1, T], "attention_mask": int32[1, T]}
+    """
+    _, prompt_ids, pixel_values = build_prompt(model, tokenizer, images, prompt, template=template,
+                                               system_message=system_message, max_tiles=max_tiles,
+                                               use_thumbnail=use_thumbnail)
+    ids = np.asarray([prompt_ids], np.int32)
+    return {"pixel_values": pixel_values, "input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
 def encode_images(model, images: Sequence, *, tokenizer=None, pooling: str = "lm_last",

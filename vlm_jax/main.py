@@ -10,10 +10,14 @@ without them a real cluster launcher (SLURM, Open MPI, TPU pod, ...) is detected
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from vlm_jax import console
 
-from vlm_jax import config_check, config_files
+console.quiet_third_party()  # before TensorFlow or transformers are imported anywhere
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vlm_jax import config_check, config_files, config_reference  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration (a configs/*.py file).", lock_config=True)
@@ -29,26 +33,18 @@ flags.DEFINE_bool("print_config", False, "Print the config (overrides applied) a
 flags.mark_flags_as_required(["config"])
 
 
-class _QuietOrbax:
-    """Drops orbax's per-save INFO lines (dozens per checkpoint); its warnings and errors still show."""
-
-    def filter(self, record) -> bool:
-        return record.levelno > 20 or "orbax" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.print_config:
-        print(FLAGS.config)
+        print(config_reference.describe(FLAGS.config))
         return
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    console.configure(logging.get_absl_handler(), verbose=FLAGS.verbosity > 0)
     from vlm_jax import runs, sharding, train  # after flag parsing: jax must not start before distributed init
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.info("Config:\n%s", FLAGS.config)
     if FLAGS.mode == "train":
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
     else:

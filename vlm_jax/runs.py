@@ -53,6 +53,26 @@ def collect_state(trainer: Trainer, state: TrainState, config, inputs, split: st
                             local, lambda b: sharding.global_batch(b, trainer.mesh))
 
 
+def eval_pictures(trainer: Trainer, config, split: str, collected: dict, cache: dict) -> dict:
+    """The tasks' TensorBoard pictures of one evaluation of ``split`` ({} when they cannot be drawn, with a
+    warning naming why: pictures never stop a run). ``cache`` keeps each split's examples between evaluations."""
+    from vlm_jax.eval_pictures import EvalExamples
+
+    try:
+        if split not in cache:
+            cache[split] = EvalExamples.load(config.data, split, collected["image_id"])
+        if cache[split] is None:
+            return {}
+        out = {}
+        for task in trainer.tasks.values():
+            out.update(task.eval_pictures(collected, cache[split]))
+        return out
+    except Exception as err:  # pylint: disable=broad-except
+        logging.warning("No evaluation pictures for split %r: %s: %s", split, type(err).__name__, err)
+        cache[split] = None
+        return {}
+
+
 def evaluate_state(trainer: Trainer, state: TrainState, config, inputs, split: str) -> dict[str, float]:
     """Every task's metrics on ``split``."""
     return evaluate.compute_metrics(trainer.tasks.values(), collect_state(trainer, state, config, inputs, split))

@@ -17,15 +17,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from typing import Any
 
 import jax
 import ml_collections
 
-from vlm_jax import build, config_check, runs, sharding
+from vlm_jax import build, config_check, config_reference, console, evaluate, run_summary, runs, sharding
 from vlm_jax import workdir as workdir_lib
 from vlm_jax.checkpoints import run as run_checkpoints
-from vlm_jax.run_logging import RunLog, window_summary
+from vlm_jax.run_logging import RunLog, train_tags, window_summary
 from vlm_jax.trainer import make_trainer
 
 
@@ -76,9 +77,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return _train(config, workdir, allow_config_change)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> dict[str, Any]:
-    from clu import parameter_overview, periodic_actions
+def _parameter_tables(state) -> tuple[str, int, int]:
+    """(text of the trainable and frozen parameter tables, number trainable, number frozen)."""
+    from clu import parameter_overview
 
+    trainable, frozen = state.params.to_pure_dict(), state.frozen.to_pure_dict()
+    text = "Trainable parameters:\n" + parameter_overview.get_parameter_overview(trainable, include_stats=False)
+    if frozen:
+        text += "\n\nFrozen parameters:\n" + parameter_overview.get_parameter_overview(frozen, include_stats=False)
+    count = parameter_overview.count_parameters
+    return text, int(count(trainable)), int(count(frozen)) if frozen else 0
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> dict[str, Any]:
+    started = time.monotonic()
     mesh = sharding.make_mesh(config.mesh)
     backbone = build.resolve_backbone(config.model)
     runs.check_splits(config, train=True)
@@ -92,27 +104,57 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
         checkpoints, init_from=config.init_from, abstract_model=trainer.abstract_model,
         abstract_train=trainer.abstract_train_items(), init_model=trainer.init_model_state,
         init_train=trainer.init_train_items, data_iter=train_iter, init_from_keys=tuple(config.init_from_keys))
+    if start >= num_steps:
+        checkpoints.close()
+        logging.info("%s", run_summary.summary(workdir, config, num_steps, complete=True))
+        return run_summary.last_evaluations(workdir)[1]
     state = trainer.assemble(model_state, items)
     del model_state, items
     meta = dict(config=config.to_json(), source=source)
 
     log = RunLog(workdir)
     log.resume_at(start)
+    log_every, eval_every, every = int(config.log_every), int(config.eval_every), int(config.checkpoint.every_steps)
+    tables, num_trainable, num_frozen = _parameter_tables(state)
+    config_file, params_file = log.run_files(config_reference.describe(config), tables)
+    logging.info("Model from %s: %s trainable and %s frozen parameters; config: %s, parameter tables: %s",
+                 source, f"{num_trainable:,}", f"{num_frozen:,}", config_file, params_file)
+    logging.info("Compiling the train step, then training steps %d to %d%s", start + 1, num_steps,
+                 f" (evaluating {', '.join(config.eval_splits)} every {eval_every} steps)" if eval_every and
+                 config.eval_splits else "")
     if start == 0:
         log.hparams(config.to_dict())
-        logging.info("Model source: %s", source)
-        logging.info("Trainable parameters:\n%s",
-                     parameter_overview.get_parameter_overview(state.params.to_pure_dict(), include_stats=False))
-        logging.info("Frozen parameters: %d", parameter_overview.count_parameters(state.frozen.to_pure_dict()))
-    report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=log.writer)
     rng = jax.random.key(config.seed + 1)
     results: dict[str, Any] = {}
     pending: list[dict] = []
-    log_every, eval_every, every = int(config.log_every), int(config.eval_every), int(config.checkpoint.every_steps)
     max_bad = int(config.max_consecutive_nonfinite)
+    evaluating = bool(config.eval_splits)
+
+    def evals_after(step):  # evaluations still to come after `step` (the last step always evaluates)
+        if not evaluating:
+            return 0
+        periodic = (num_steps - 1) // eval_every - step // eval_every if eval_every else 0
+        return max(periodic, 0) + (step < num_steps)
+
+    progress = console.Progress(num_steps, start, num_evals_left=evals_after)
+    examples: dict[str, Any] = {}
+    diagnostics = trainer.diagnostic_terms
+    window_start = time.monotonic()
 
     def checkpoint(step, metrics=None):
         checkpoints.save(step, state.model_state(), state.train_items(), train_iter, meta, metrics)
+
+    def evaluate_all(step):
+        for split in config.eval_splits:
+            began = time.monotonic()
+            collected = runs.collect_state(trainer, state, config, inputs, split)
+            results[split] = evaluate.compute_metrics(trainer.tasks.values(), collected)
+            log.evaluation(step, split, results[split])
+            headline = [m for t in trainer.tasks.values() for m in t.headline_metrics]
+            logging.info("%s", console.headline(split, step, results[split], headline, time.monotonic() - began))
+            if jax.process_index() == 0:
+                log.pictures(step, split, runs.eval_pictures(trainer, config, split, collected, examples))
+            progress.add_eval_time(time.monotonic() - began)
 
     step, previous = start, None
     try:
@@ -122,7 +164,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
                 state, metrics = trainer.train_step(state, batch, rng)
             step += 1
             pending.append(metrics)
-            report(step)
+            line = progress(step, metrics["total"])
+            if line:
+                logging.info("%s", line)
             # The previous step's skip counter: that step has finished (or nearly) while this one is queued, so
             # reading it every step costs no stall of the device.
             if previous is not None and int(previous["nonfinite"]) >= max_bad:
@@ -135,16 +179,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
             previous = metrics
             if step % log_every == 0 or step == num_steps:
                 summary = window_summary(pending, trainer.last_value_terms)
-                pending = []
+                now = time.monotonic()
+                summary["steps_per_sec"] = len(pending) / max(now - window_start, 1e-9)
+                pending, window_start = [], now
                 for group, sched in trainer.opt.schedules.items():
                     summary[f"lr/{group}"] = float(sched((step - 1) // trainer.opt.accum_steps))
-                log.scalars(step, summary)
-            evaluated = bool(config.eval_splits) and ((eval_every and step % eval_every == 0) or step == num_steps)
+                log.scalars(step, train_tags(summary, diagnostics))
+            evaluated = evaluating and ((eval_every and step % eval_every == 0) or step == num_steps)
             if evaluated:
-                with report.timed("eval"):
-                    for split in config.eval_splits:
-                        results[split] = runs.evaluate_state(trainer, state, config, inputs, split)
-                        log.evaluation(step, split, results[split])
+                evaluate_all(step)
+                window_start = time.monotonic()
             if evaluated or step % every == 0 or step == num_steps:
                 checkpoint(step, _flat_results(results) if evaluated else None)
         checkpoints.close()
@@ -153,4 +197,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
         raise
     finally:
         log.flush()
+    logging.info("%s", run_summary.summary(workdir, config, num_steps, complete=True,
+                                           seconds=time.monotonic() - started))
     return results

@@ -147,6 +147,13 @@ class Trainer:
         names = {f"{t.name}_{k}" for t in self.tasks.values() for k in t.last_value_terms}
         return frozenset(names | {"nonfinite", "skipped"})
 
+    @functools.cached_property
+    def diagnostic_terms(self) -> frozenset:
+        """Train metrics that are not losses (logged under ``train/``)."""
+        from vlm_jax.tasks.base import diagnostic_names
+
+        return diagnostic_names(self.tasks.values())
+
     def _train_step(self, state: TrainState, batch: dict, rng: jax.Array):
         step_key = jax.random.fold_in(rng, state.step)
         rest_filter = nnx.Not(nnx.Any(nnx.Param, nnx.RngState))

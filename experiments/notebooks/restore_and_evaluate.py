@@ -23,41 +23,68 @@
 # with the config saved in the checkpoint, evaluates it (retrieval R@K both ways, box IoU, spatial accuracy) and shows
 # the top-5 captions the model retrieves for a few images.
 #
-# [Open in Colab](https://colab.research.google.com/github/YOUR_ORG/vlm_jax/blob/main/experiments/restore_and_evaluate.ipynb)
-# (set `REPO_URL` in the first code cell)
+# **On Colab**: open this notebook from your fork (File > Open notebook > GitHub, or
+# `https://colab.research.google.com/github/<owner>/<repo>/blob/main/experiments/restore_and_evaluate.ipynb`)
+# or upload it (File > Upload notebook). Then set `REPO_URL` in the first code cell to your fork's git URL, or
+# upload a wheel built in a checkout with `pip wheel --no-deps .` to `/content`.
 
 # %%
-# Install: on Colab (or any machine without vlm_jax) clone the repository and install it; skipped when vlm_jax is
-# already importable. Set REPO_URL to the repository you use.
-REPO_URL = "https://github.com/YOUR_ORG/vlm_jax.git"
-CHECKOUT = "/content/vlm_jax"
+# @title Install vlm_jax
+# Skipped where vlm_jax is importable. Otherwise installs, in this order: the checkout this notebook was opened in,
+# an uploaded wheel (vlm_jax-*.whl in the working folder or /content), a clone of REPO_URL.
+# Your fork's git URL, e.g. https://github.com/<owner>/<repo>.git (leave empty to use a checkout or a wheel):
+REPO_URL = ""  # @param {type:"string"}
 
+import glob
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 
-if importlib.util.find_spec("vlm_jax") is None:
-    # Opened inside a checkout (experiments/*.ipynb or experiments/notebooks/*.py): install that checkout.
+# Not named vlm_jax: the working folder is on sys.path, where a folder of that name would pass for the package.
+CHECKOUT = os.path.abspath("vlm_jax-src")
+
+
+def install_vlm_jax(repo_url: str, checkout: str, run=subprocess.run) -> str:
+    """Installs vlm_jax (with the `notebooks` extra) unless it is importable; returns what it did.
+
+    repo_url: git URL cloned into `checkout` when there is neither a surrounding checkout nor an uploaded wheel.
+    run: runs one command (subprocess.run's signature).
+    """
+    if importlib.util.find_spec("vlm_jax") is not None:
+        return "vlm_jax is importable: skipping the install"
+    # experiments/*.ipynb and experiments/notebooks/*.py opened inside a checkout
     local = [os.path.abspath(p) for p in ("..", os.path.join("..", ".."))
              if os.path.isfile(os.path.join(p, "setup.py")) and os.path.isdir(os.path.join(p, "vlm_jax"))]
+    wheels = sorted(glob.glob("vlm_jax-*.whl") + glob.glob("/content/vlm_jax-*.whl"), key=os.path.getmtime)
+    editable = None
     if local:
-        CHECKOUT = local[0]
-    elif not os.path.isdir(CHECKOUT):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, CHECKOUT], check=True)
+        editable = source = local[0]
+    elif wheels:
+        source = os.path.abspath(wheels[-1])  # the latest upload
+    elif repo_url:
+        if not os.path.isdir(checkout):
+            run(["git", "clone", "--depth", "1", repo_url, checkout], check=True)
+        editable, source = checkout, repo_url
+    else:
+        raise RuntimeError("vlm_jax is not installed and this notebook is not in a checkout: set REPO_URL at the top "
+                           "of this cell to your fork's git URL, or upload a wheel built in a checkout with "
+                           "`pip wheel --no-deps .` (vlm_jax-*.whl) to /content, then run this cell again")
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     if shutil.which("nvidia-smi"):  # Colab GPU runtime: the CUDA build of the pinned jax
-        subprocess.run(pip + ["jax[cuda12]==0.10.2"], check=True)
+        run(pip + ["jax[cuda12]==0.10.2"], check=True)
     elif os.environ.get("COLAB_TPU_ADDR") or os.path.exists("/dev/accel0"):  # Colab TPU runtime
-        subprocess.run(pip + ["jax[tpu]==0.10.2"], check=True)
-    subprocess.run(pip + ["-e", f"{CHECKOUT}[notebooks]"], check=True)
-    sys.path.insert(0, CHECKOUT)  # an editable install reaches sys.path only in new interpreters
+        run(pip + ["jax[tpu]==0.10.2"], check=True)
+    run(pip + (["-e", f"{editable}[notebooks]"] if editable else [f"{source}[notebooks]"]), check=True)
+    if editable:
+        sys.path.insert(0, editable)  # an editable install reaches sys.path only in new interpreters
     importlib.invalidate_caches()
-    print("installed vlm_jax; if pip replaced a package this runtime had already imported, restart the runtime "
-          "and run again (this cell is then skipped)")
-else:
-    print("vlm_jax is importable: skipping the install")
+    return (f"installed vlm_jax from {source}; if pip replaced a package this runtime had already imported, restart "
+            "the runtime and run again (this cell is then skipped)")
+
+
+print(install_vlm_jax(REPO_URL, CHECKOUT))
 
 # %% tags=["parameters"]
 import os

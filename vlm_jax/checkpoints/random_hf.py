@@ -47,10 +47,25 @@ def random_model(config: InternVLConfig, *, seed: int = 0, noise: float = 0.1, d
 
 
 def write_random_checkpoint(directory: str, config: InternVLConfig, *, layout: str = "transformers", seed: int = 0,
-                            dtype: str = "float32") -> InternVL:
-    """Write a random checkpoint (config.json + model.safetensors) to `directory`; returns the Flax model."""
+                            dtype: str = "float32", tokenizer=None) -> InternVL:
+    """Write a random checkpoint (config.json + model.safetensors, + the tokenizer's files when `tokenizer` is
+    given) to `directory`; returns the Flax model.
+
+    The tokenizer must fit the model: its `<IMG_CONTEXT>` id is `config.image_token_id` and all its ids are
+    below the vocabulary size.
+    """
     if config.image_token_id is None:
         raise ValueError("config.image_token_id must be set for a random checkpoint")
+    if tokenizer is not None:
+        context_id = tokenizer.convert_tokens_to_ids(hf.IMG_CONTEXT)
+        if context_id != config.image_token_id:
+            raise ValueError(f"tokenizer: {hf.IMG_CONTEXT} has id {context_id}, expected config.image_token_id "
+                             f"{config.image_token_id}")
+        if len(tokenizer) > config.text.vocab_size:
+            raise ValueError(f"tokenizer: {len(tokenizer)} ids do not fit config.text.vocab_size "
+                             f"{config.text.vocab_size}")
     model = random_model(config, seed=seed)
     hf.save_hf(directory, model, config, layout=layout, dtype=dtype)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
     return model

@@ -6,11 +6,17 @@ A task is an `nnx.Module` subclass of `Task` with
   batch_fields       batch keys its loss and metrics read (collected per example for evaluation);
   eval_outputs       keys of its outputs collected per example for evaluation (leading axis = batch rows);
   last_value_terms   loss terms logged as their last value instead of the mean over the logging window;
+  diagnostic_terms   terms of `loss` that are not losses (accuracies, counts, the temperature): logged under
+                     ``train/`` in training and as plain metrics in evaluation, never under ``loss/``;
+  headline_metrics   the few metrics the console shows after each evaluation;
   metric_names       the keys `metrics` returns (``config.checkpoint.best_metric`` is checked against them);
   __init__(cfg, widths, *, rngs)        cfg = config.tasks.<name>, widths = `Widths` of the shared features;
   __call__(features, batch, *, train)   -> dict of outputs;
   loss(outputs, batch, valid)           -> dict of float32[] terms, "loss" being what the task optimises;
-  metrics(collected)                    -> {name: float} over a split's collected outputs and batch fields.
+  metrics(collected)                    -> {name: float} over a split's collected outputs and batch fields;
+  eval_pictures(collected, examples)    -> {name: uint8[N, H, W, 3] image | markdown str} for TensorBoard
+                                           (`vlm_jax.eval_pictures.EvalExamples`: the split's first images and
+                                           every row's caption); default none.
 `config.tasks.<name>.weight` scales the task's "loss" in the total.
 """
 
@@ -73,6 +79,8 @@ class Task(nnx.Module):
     eval_outputs: ClassVar[tuple[str, ...]] = ()
     last_value_terms: ClassVar[tuple[str, ...]] = ()
     metric_names: ClassVar[tuple[str, ...]] = ()  # the keys `metrics` returns (checked before a run starts)
+    diagnostic_terms: ClassVar[tuple[str, ...]] = ()
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: ml_collections.ConfigDict, widths: Widths, *, rngs: nnx.Rngs):
         self.weight = float(cfg.weight)
@@ -87,10 +95,18 @@ class Task(nnx.Module):
     def metrics(self, collected: Mapping[str, np.ndarray]) -> dict[str, float]:
         return {}
 
+    def eval_pictures(self, collected: Mapping[str, np.ndarray], examples) -> dict[str, Any]:
+        return {}
+
 
 def prefixed_terms(name: str, terms: Mapping[str, Any]) -> dict[str, Any]:
     """A task's terms as logged: "loss" -> name, other k -> name_k."""
     return {name if k == "loss" else f"{name}_{k}": v for k, v in terms.items()}
+
+
+def diagnostic_names(tasks) -> frozenset[str]:
+    """The logged names (`<task>_<term>`) of the tasks' diagnostic terms."""
+    return frozenset(f"{t.name}_{k}" for t in tasks for k in t.diagnostic_terms)
 
 
 def batch_valid(batch: Mapping[str, jax.Array], rows: int) -> jax.Array:

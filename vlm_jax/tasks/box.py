@@ -9,7 +9,9 @@ vision width).
 Metrics: mean IoU / GIoU / L1 and accuracy at IoU 0.5 over captions that have a box.
 """
 
-from vlm_jax import losses, metrics
+import numpy as np
+
+from vlm_jax import box_ops, losses, metrics
 from vlm_jax.tasks import heads
 from vlm_jax.tasks.base import Task
 
@@ -18,6 +20,8 @@ HEADS = ("attention", "linear")
 
 class BoxTask(Task):
     name = "box"
+    diagnostic_terms = ("giou", "num_boxes")
+    headline_metrics = ("box_iou", "box_acc@0.5")
     batch_fields = ("box", "has_box")
     eval_outputs = ("box_pred",)
     metric_names = ("box_iou", "box_giou", "box_l1", "box_acc@0.5")
@@ -46,3 +50,15 @@ class BoxTask(Task):
     def metrics(self, collected):
         box = metrics.box_metrics(collected["box_pred"], collected["box"], collected["has_box"])
         return {f"box_{k}": float(v) for k, v in box.items() if k != "count"}
+
+    def eval_pictures(self, collected, examples):
+        from vlm_jax import eval_pictures
+
+        rows = [i for i in range(len(examples.images)) if collected["has_box"][i]]
+        if not rows:
+            return {}
+        iou = np.asarray(box_ops.box_iou_paired(collected["box_pred"][rows], collected["box"][rows])[0])
+        return {"boxes": eval_pictures.stack([
+            eval_pictures.boxes_picture(examples.images[i], examples.captions[i], collected["box"][i],
+                                        collected["box_pred"][i], f"IoU {v:.2f} (green true, magenta predicted)")
+            for i, v in zip(rows, iou)])}

@@ -16,6 +16,8 @@ from vlm_jax.tasks.base import Task
 
 class ContrastiveTask(Task):
     name = "itc"
+    diagnostic_terms = ("logit_scale",)
+    headline_metrics = ("t2i_r1", "i2t_r1")
     batch_fields = ("image_id",)
     eval_outputs = ("image_emb", "text_emb")
     last_value_terms = ("logit_scale",)
@@ -44,14 +46,25 @@ class ContrastiveTask(Task):
             terms.update({f"matryoshka_{k}": v for k, v in mrl.items()})
         return terms
 
-    def metrics(self, collected):
-        ids = collected["image_id"]
-        _, first, text_to_image = np.unique(ids, return_index=True, return_inverse=True)
+    @staticmethod
+    def similarity(collected):
+        """(float[I, T] image-caption cosine similarities over the split's distinct images, int[I] their ids,
+        int[T] each caption's image row)."""
+        ids, first, text_to_image = np.unique(collected["image_id"], return_index=True, return_inverse=True)
         image_emb = np.asarray(l2_normalize(collected["image_emb"][first]))
-        sim = image_emb @ np.asarray(l2_normalize(collected["text_emb"])).T  # [I, T]
+        return image_emb @ np.asarray(l2_normalize(collected["text_emb"])).T, ids, text_to_image
+
+    def metrics(self, collected):
+        sim, _, text_to_image = self.similarity(collected)
         out = {k.replace("@", "_r"): v for k, v in metrics.retrieval_recall(sim, text_to_image).items()}
         num_images, num_texts = sim.shape
         out["chance/i2t_r1"] = float(np.mean(np.bincount(text_to_image) / num_texts))
         out["chance/t2i_r1"] = 1.0 / num_images
         out["num_images"], out["num_texts"] = float(num_images), float(num_texts)
         return out
+
+    def eval_pictures(self, collected, examples):
+        from vlm_jax import eval_pictures
+
+        sim, ids, _ = self.similarity(collected)
+        return {"retrieved_captions": eval_pictures.retrieval_text(sim, ids, collected["image_id"], examples.captions)}

@@ -60,6 +60,8 @@ def sample_hard_negatives(sim, image_ids=None, rng=None, valid=None):
 
 class MatchingTask(Task):
     name = "itm"
+    diagnostic_terms = ("acc",)
+    headline_metrics = ("itm_acc",)
     batch_fields = ("image_id",)
 
     def __init__(self, cfg, widths, *, rngs):

@@ -14,6 +14,8 @@ from vlm_jax.tasks.base import Task
 
 class SpatialTask(Task):
     name = "spatial"
+    diagnostic_terms = ("acc",)
+    headline_metrics = ("spatial_acc",)
     batch_fields = ("relation", "has_relation")
     eval_outputs = ("spatial_logits",)
     metric_names = ("spatial_acc", "spatial_f1", "chance/spatial_acc")
@@ -35,3 +37,13 @@ class SpatialTask(Task):
         counts = np.bincount(labels[has], minlength=self.num_relations)
         return {"spatial_acc": spatial["accuracy"], "spatial_f1": spatial["macro_f1"],
                 "chance/spatial_acc": float(counts.max() / max(counts.sum(), 1))}
+
+    def eval_pictures(self, collected, examples):
+        from vlm_jax import eval_pictures
+        from vlm_jax.data.datasets.relations import RELATIONS
+
+        has = collected["has_relation"].astype(bool)
+        predicted = np.asarray(collected["spatial_logits"]).argmax(-1)
+        matrix = np.asarray(metrics.confusion_matrix(predicted[has], collected["relation"][has], self.num_relations))
+        names = list(RELATIONS) if self.num_relations == len(RELATIONS) else [str(i) for i in range(self.num_relations)]
+        return {"spatial_confusion": eval_pictures.confusion_picture(matrix, names)}

@@ -48,6 +48,20 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder):
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
+    def _create_builder_config(self, builder_config, version):
+        """A config object of this builder's own config class is used as given: it is how parameterised builds
+        (e.g. spatial_shapes' sizes) are made, not a mistake worth tfds' "custom data configuration" warning."""
+        if isinstance(builder_config, tfds.core.BuilderConfig) and builder_config.name not in self.builder_configs:
+            return builder_config
+        return super()._create_builder_config(builder_config, version)
+
+    # tfds prints these two to stdout in bold; one log line each says the same.
+    def _log_download_bytes(self) -> None:
+        logging.info("Building dataset %s into %s ...", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("Built dataset %s in %s", self.name, self.data_dir)
+
     # tfds locates a builder's source through importlib_resources, which is not a dependency here and fails for
     # editable installs; the module file is the answer it is looking for.
     @tfds.core.utils.classproperty
