@@ -1,7 +1,7 @@
 """Faulty training runs, played in one process on one CPU device: ``python tests/fault_scenarios.py OUT DATA_DIR``.
 
-Each scenario damages or disturbs a real run (the demo config at tiny sizes: 8 steps of batch 8, a checkpoint every
-2 steps, the 3 newest kept) and records what happened (exception type and message, checkpoint steps, fingerprints)
+Each scenario damages or disturbs a real run (tests/scenario_config.py: the demo config at tiny sizes, 8 steps of
+batch 8, a checkpoint every 2 steps, the 3 newest kept) and records what happened (exception type and message, checkpoint steps, fingerprints)
 in ``OUT/results.json``; tests/test_faults_runs.py asserts on it. One process with one device compiles the train
 step once for all scenarios (the persistent compilation cache serves the later runs).
 """
@@ -18,17 +18,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-STEPS = 8
+from scenario_config import STEPS  # noqa: E402
 
 
 def run_config(data_dir, **changes):
-    import fixtures
+    """tests/scenario_config.py's config on ``data_dir`` with ``changes`` ({"a.b": value})."""
+    import scenario_config
 
-    cfg = fixtures.demo_config()
-    cfg.data = fixtures.data_config(data_dir=data_dir)
-    cfg.batch_size, cfg.eval_batch_size = 8, 32
-    cfg.num_train_steps, cfg.log_every, cfg.eval_every, cfg.eval_splits = STEPS, 2, 0, ()
-    cfg.checkpoint.update(every_steps=2, keep=3)
+    cfg = scenario_config.get_config()
+    cfg.data.data_dir = data_dir
     for key, value in changes.items():
         *parents, leaf = key.split(".")
         target = cfg
@@ -275,13 +273,24 @@ class Scenarios:
         return {"evals": evals, "steps": steps(workdir),
                 "stored": {s: run_checkpoints.read_meta(str(workdir), s)["metrics"] for s in steps(workdir)}}
 
+    def eval_mode(self):
+        """``--mode eval`` (`runs.evaluate_checkpoint`) on best_n's newest checkpoint: appends mode="eval" records."""
+        from vlm_jax import runs
+
+        workdir = self.out / "best_n"
+        runs.evaluate_checkpoint(run_config(self.data_dir, eval_splits=("validation",)), str(workdir))
+        with open(workdir / "metrics.jsonl") as f:
+            records = [json.loads(line) for line in f]
+        return {"trained": [r for r in records if r["step"] == 8 and "mode" not in r],
+                "evaluated": [r for r in records if r.get("mode") == "eval"]}
+
 
 def main(out: str, data_dir: str):
     share_trainers()
     scenarios = Scenarios(Path(out), data_dir)
     results = {}
     for name in ("reference", "damaged_latest_two", "all_damaged", "restore_damaged", "init_from_damaged",
-                 "nan_learning_rate", "loop_error", "full_disk", "locked", "changed_lr", "finished", "best_n"):
+                 "nan_learning_rate", "loop_error", "full_disk", "locked", "changed_lr", "finished", "best_n", "eval_mode"):
         start = time.monotonic()
         try:
             results[name] = getattr(scenarios, name)()

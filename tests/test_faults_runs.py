@@ -1,5 +1,6 @@
 """Faults of a training run, each with its outcome asserted: a named error before any work, a fallback to the newest
-intact checkpoint, or a finished run equal to an uninterrupted one (every array's fingerprint compared).
+intact checkpoint, or a finished run equal to an uninterrupted one (every array's fingerprint compared), including
+a command-line run killed with SIGKILL.
 
 The runs are played by tests/fault_scenarios.py in one subprocess on one CPU device (see there); the checks of
 configs and of single checkpoints run here.
@@ -7,8 +8,10 @@ configs and of single checkpoints run here.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -47,6 +50,7 @@ def played(tmp_path_factory, data_dir):
     print("scenario seconds:", [line for line in proc.stderr.splitlines() if line.endswith(" s")])
     with open(out / "results.json") as f:
         results = json.load(f)
+    results["jax_cache"] = str(out / "jax_cache")  # the command-line runs here reuse its compiled steps
     return results
 
 
@@ -150,6 +154,85 @@ def test_an_allowed_config_change_returns_the_changes():
     current.optim.groups.all.lr = 5e-4
     changes = workdir_lib.check_resume_config(stored, json.loads(current.to_json()), "ckpt", allow_change=True)
     assert changes == [("optim.groups.all.lr", 1e-3, 5e-4)]
+
+
+# ---- killed from the command line ------------------------------------------------------------------------------------
+
+def _cli(workdir, data_dir, *extra):
+    return [sys.executable, "-m", "vlm_jax.main", "--config", f"{REPO / 'tests' / 'scenario_config.py'}:eval",
+            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", *extra]
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_a_run_killed_with_sigkill_resumes_equal_to_the_uninterrupted_run(played, reference, data_dir, tmp_path):
+    """`python -m vlm_jax.main` killed (SIGKILL) once its first checkpoint is committed, then the same command: the
+    final weights equal the uninterrupted run's array for array. The resumed run's console and TensorBoard events
+    are checked too."""
+    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(1), JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               JAX_COMPILATION_CACHE_DIR=played["jax_cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cli(run_dir, data_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "2" / "_CHECKPOINT_METADATA").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / "8").exists()
+
+    again = subprocess.run(_cli(run_dir, data_dir), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming from" in again.stderr
+    assert run_checkpoints.read_meta(str(run_dir), 8)["fingerprints"] == reference["8"]
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    assert [(m["step"], m["split"]) for m in metrics] == [(4, "validation"), (8, "validation")]
+    _assert_quiet_console_with_a_summary(again.stderr + again.stdout)
+    _assert_tensorboard_layout(run_dir)
+
+
+
+def _assert_quiet_console_with_a_summary(console: str) -> None:
+    """vlm_jax's own short lines: progress, evaluations, the summary; no third-party notices."""
+    lines = console.splitlines()
+    assert len(lines) < 50, console
+    for noise in ("PyTorch was not found", "libtpu", "oneDNN", "Using custom data configuration", "Hyperparameters",
+                  "Generating splits", "orbax"):
+        assert noise not in console, noise
+    assert any(" · first step (with compilation) took " in line for line in lines), console
+    assert "step 8/8 (100 %)" in console and "validation @ step 4: " in console, console
+    summary = console[console.index("Run complete: step 8 of 8"):]
+    assert "t2i_r1" in summary and "(chance" in summary and "tensorboard --logdir" in summary
+
+
+def _assert_tensorboard_layout(workdir) -> None:
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["tensors"])
+    for tag in ("loss/train/total", "loss/train/itc", "loss/validation/total", "validation/t2i_r1",
+                "train/itm_acc", "train/lr/all", "train/steps_per_sec", "validation/boxes",
+                "validation/spatial_confusion", "validation/retrieved_captions"):
+        assert tag in tags, (tag, sorted(tags))
+    assert not {"total", "grad_norm/all", "loss/validation/itm_acc", "validation/loss/total"} & tags
+    boxes = events.Tensors("validation/boxes")[-1].tensor_proto
+    assert len(boxes.string_val) >= 3  # width, height, then one encoded PNG per example
+
+
+def test_eval_mode_reproduces_the_last_training_evaluation(played):
+    r = scenario(played, "eval_mode")
+    (trained,), (evaluated,) = r["trained"], r["evaluated"]
+    assert evaluated.pop("mode") == "eval" and evaluated.keys() == trained.keys()
+    for key, value in trained.items():
+        if isinstance(value, str):
+            assert evaluated[key] == value, key
+        else:
+            np.testing.assert_allclose(evaluated[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 # ---- a finished workdir ---------------------------------------------------------------------------------------------

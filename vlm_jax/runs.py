@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from typing import Any
 
 import jax
@@ -133,15 +134,20 @@ def collect_split(run: RestoredRun, split: str) -> dict:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
     """``--mode eval``: evaluates a checkpoint of ``workdir`` on ``config.eval_splits`` and appends the results to
     its metrics.jsonl (``mode="eval"``). Never builds the training split."""
+    from vlm_jax import console, run_summary
     from vlm_jax.run_logging import RunLog
 
     check_splits(config, train=False)
     run = restore_run(workdir, step, config)
     log = RunLog(workdir)
     results = {}
+    headline = [m for t in run.trainer.tasks.values() for m in t.headline_metrics]
     for split in config.eval_splits:
+        began = time.monotonic()
         results[split] = evaluate_split(run, split)
-        logging.info("step %d %s: %s", run.step, split, results[split])
+        logging.info("%s", console.headline(split, run.step, results[split], headline, time.monotonic() - began))
         log.evaluation(run.step, split, results[split], mode="eval")
     log.flush()
+    logging.info("Evaluation of %s at step %d (appended to %s with mode=eval):\n%s", workdir, run.step,
+                 log.metrics_path, "\n".join(run_summary.metrics_table(results)))
     return results

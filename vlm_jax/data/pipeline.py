@@ -368,7 +368,10 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
         pairs = np.asarray([(i, k) for i, n in enumerate(counts) for k in range(n)], np.int64).reshape(-1, 2)
         items = _eval_items(pairs, shard_index, shard_count, local_batch_size)
         ds = grain.MapDataset.source(items).map(_Pair(source, encode)).batch(local_batch_size)
-    iter_ds = ds.to_iter_dataset()
+    # grain's default reads ahead 500 elements on 16 threads from the moment the iterator exists; on a few cores
+    # those threads take the interpreter from the training loop (and a resumed iterator throws that read-ahead
+    # away). Two batches ahead on two threads keep a step fed.
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * local_batch_size))
     if data_config.num_workers > 0:
         _ensure_flags_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
