@@ -4,8 +4,8 @@ Run:
     python -m vlm_jax.main --config configs/tiny_synthetic.py --workdir /tmp/vlm_jax_demo
 
 Measured on the 2-core CPU with nothing else running (3000 steps of batch 32, fresh workdir and tfds data_dir, so
-building the dataset is included): 8 min 45 s, 9 min 41 s and 9 min 06 s wall in three runs. Validation split (500 images, 1000
-captions), step 3000:
+building the dataset is included): about 7 min 20 s, 7 min 19 s and 6 min 57 s wall in three runs. Validation
+split (500 images, 1000 captions), step 3000:
     retrieval text->image R@1 / R@5 / R@10 = 7.6 / 28.6 / 39.8 %   (chance 0.2 / 1 / 2 %)
               image->text R@1 / R@5 / R@10 = 4.0 / 22.4 / 35.0 %   (chance ~0.2 / 1 / 2 %)
     spatial relation accuracy 100 %, macro-F1 1.00   (chance 17.6 %; the caption names the relation)
