@@ -141,11 +141,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     run = restore_run(workdir, step, config)
     log = RunLog(workdir)
     results = {}
-    headline = [m for t in run.trainer.tasks.values() for m in t.headline_metrics]
     for split in config.eval_splits:
         began = time.monotonic()
         results[split] = evaluate_split(run, split)
-        logging.info("%s", console.headline(split, run.step, results[split], headline, time.monotonic() - began))
+        seconds = time.monotonic() - began
+        logging.info("%s", console.headline(split, run.step, results[split], run.trainer.headline_metrics, seconds))
         log.evaluation(run.step, split, results[split], mode="eval")
     log.flush()
     logging.info("Evaluation of %s at step %d (appended to %s with mode=eval):\n%s", workdir, run.step,

@@ -150,8 +150,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
             collected = runs.collect_state(trainer, state, config, inputs, split)
             results[split] = evaluate.compute_metrics(trainer.tasks.values(), collected)
             log.evaluation(step, split, results[split])
-            headline = [m for t in trainer.tasks.values() for m in t.headline_metrics]
-            logging.info("%s", console.headline(split, step, results[split], headline, time.monotonic() - began))
+            logging.info("%s", console.headline(split, step, results[split], trainer.headline_metrics,
+                                                time.monotonic() - began))
             if jax.process_index() == 0:
                 log.pictures(step, split, runs.eval_pictures(trainer, config, split, collected, examples))
             progress.add_eval_time(time.monotonic() - began)

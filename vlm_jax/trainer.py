@@ -154,6 +154,11 @@ class Trainer:
 
         return diagnostic_names(self.tasks.values())
 
+    @functools.cached_property
+    def headline_metrics(self) -> tuple[str, ...]:
+        """The metrics the console shows after each evaluation, over all tasks."""
+        return tuple(m for t in self.tasks.values() for m in t.headline_metrics)
+
     def _train_step(self, state: TrainState, batch: dict, rng: jax.Array):
         step_key = jax.random.fold_in(rng, state.step)
         rest_filter = nnx.Not(nnx.Any(nnx.Param, nnx.RngState))

@@ -9,7 +9,6 @@ normalisation of `vlm_jax.data.preprocess`). Boxes are normalised xyxy in [0, 1]
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -153,8 +152,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.exists(path):
         raise ValueError(f"no metrics file at {path!r} (train_and_evaluate writes WORKDIR/metrics.jsonl)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from vlm_jax.run_logging import read_jsonl
+
+    return read_jsonl(path)
 
 
 def metric_series(records: Sequence[dict], key: str, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
