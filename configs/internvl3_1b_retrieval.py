@@ -45,6 +45,7 @@ def get_config():
     c.tasks.box.weight, c.tasks.box.l1, c.tasks.box.giou = 0.1, 1.0, 0.0  # the seed recipe's box loss is L1 only
     c.tasks.box.head = "linear"
     c.tasks.spatial.weight, c.tasks.spatial.hidden_dim = 0.1, 0
+    c.tasks.spatial.query, c.tasks.spatial.head = "caption", "mlp"  # the seed recipe reads the caption
 
     c.data.name = "coco_captions"
     c.data.builder_config = "karpathy"

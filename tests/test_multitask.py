@@ -36,6 +36,7 @@ def embedding_config(**changes):
 def task_configs(hidden_dim=12, seed_heads=False, **changes):
     """The demo's tasks with small heads; `seed_heads`: the seed recipe's linear heads."""
     cfg = demo_config().tasks
+    cfg.spatial.update(query="caption", head="mlp")  # the form every fusion supports; 'objects' is tested apart
     for name in ("itm", "spatial", "box"):
         cfg[name].hidden_dim = 0 if seed_heads and name != "box" else hidden_dim
     if seed_heads:
@@ -64,6 +65,7 @@ def make_batch(q, seed=0):
         "has_box": jnp.array([True, True, False, True]),
         "relation": jnp.array([0, 3, 5, 1], jnp.int32),
         "has_relation": jnp.array([True, False, True, True]),
+        "query_ids": jnp.asarray(text_ids[::-1]), "query_mask": jnp.asarray(text_mask[::-1]),
     }
 
 

@@ -43,7 +43,7 @@ def contrastive_logits(image_emb, text_emb, logit_scale):
     return logit_scale * (l2_normalize(image_emb) @ l2_normalize(text_emb).T)
 
 
-def contrastive_loss(image_emb, text_emb, logit_scale, image_ids=None, valid=None):
+def contrastive_loss(image_emb, text_emb, logit_scale, image_ids=None, valid=None, negatives=None):
     """Symmetric InfoNCE (CLIP) over the (global) batch.
 
     Args:
@@ -53,6 +53,9 @@ def contrastive_loss(image_emb, text_emb, logit_scale, image_ids=None, valid=Non
       image_ids: optional int[B]; pairs j != i with image_ids[j] == image_ids[i] (another caption of the same image)
         are removed from i's negatives instead of being pushed away as false negatives.
       valid: optional bool[B]; rows with False (padding) are neither queries nor negatives.
+      negatives: optional bool[B, B], True where caption j is false for image i (`vlm_jax.caption_truth`); when
+        given, every other off-diagonal pair (a caption true of another image too) leaves the denominators, and
+        `image_ids` is not needed.
     Returns:
       {"loss": (i2t + t2i) / 2, "i2t": float[], "t2i": float[]}; all 0 for B = 0 or no valid row.
     """
@@ -63,7 +66,8 @@ def contrastive_loss(image_emb, text_emb, logit_scale, image_ids=None, valid=Non
     valid = jnp.ones(batch, bool) if valid is None else valid.astype(bool)
     logits = contrastive_logits(image_emb, text_emb, logit_scale)  # [B, B]
     off_diag = ~jnp.eye(batch, dtype=bool)
-    remove = (same_image(image_ids, batch) | ~valid[:, None] | ~valid[None, :]) & off_diag
+    not_negative = same_image(image_ids, batch) if negatives is None else ~negatives.astype(bool)
+    remove = (not_negative | ~valid[:, None] | ~valid[None, :]) & off_diag
     logits = jnp.where(remove, _NEG, logits)
     diag = jnp.diagonal(logits)
     i2t = _masked_mean(jax.nn.logsumexp(logits, axis=1) - diag, valid)
@@ -71,7 +75,7 @@ def contrastive_loss(image_emb, text_emb, logit_scale, image_ids=None, valid=Non
     return {"loss": 0.5 * (i2t + t2i), "i2t": i2t, "t2i": t2i}
 
 
-def matryoshka_contrastive_loss(image_emb, text_emb, logit_scale, dims, image_ids=None, valid=None):
+def matryoshka_contrastive_loss(image_emb, text_emb, logit_scale, dims, image_ids=None, valid=None, negatives=None):
     """Mean contrastive loss over nested prefixes of the embeddings (Matryoshka representation learning).
 
     Args: as `contrastive_loss`, plus `dims`: increasing widths, each <= E; prefix [:, :d] is re-normalised.
@@ -80,7 +84,8 @@ def matryoshka_contrastive_loss(image_emb, text_emb, logit_scale, dims, image_id
     width = image_emb.shape[-1]
     if not dims or any(d <= 0 or d > width for d in dims):
         raise ValueError(f"matryoshka_dims: expected widths in (0, {width}], got {tuple(dims)}")
-    terms = {f"d{d}": contrastive_loss(image_emb[:, :d], text_emb[:, :d], logit_scale, image_ids, valid)["loss"]
+    terms = {f"d{d}": contrastive_loss(image_emb[:, :d], text_emb[:, :d], logit_scale, image_ids, valid,
+                                       negatives)["loss"]
              for d in dims}
     terms["loss"] = sum(terms.values()) / len(dims)
     return terms

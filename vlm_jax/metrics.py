@@ -1,6 +1,9 @@
 """Evaluation metrics: pure numpy on host arrays.
 
 - `retrieval_recall`: image<->text Recall@K with several captions per image (COCO / Flickr30k protocol).
+- `retrieval_recall_true`: the same where a hit is any pair marked true (a caption true of several images).
+- `retrieval_ceilings`: R@1 of an oracle that knows which images each caption is true of (strict protocol).
+- `matching_metrics`: balanced accuracy and ROC AUC of a matching score over positives and negatives.
 - `box_metrics`: mean IoU, mean GIoU, L1 and accuracy at IoU >= 0.5 over the samples that have a box.
 - `spatial_metrics`: accuracy, macro-F1 and confusion matrix of the spatial-relation head.
 
@@ -61,6 +64,84 @@ def retrieval_recall(sim, text_to_image, ks: Sequence[int] = (1, 5, 10), chunk: 
     for k in ks:
         out[f"t2i@{k}"] = float(np.mean(t2i_rank < k)) if num_texts else 0.0
     return out
+
+
+def retrieval_recall_true(sim, true_pairs, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Recall@K in both directions where any true pair counts as a hit.
+
+    Image->text: image i is a hit at K when a caption true of it is among its K most similar texts; text->image:
+    caption t is a hit when an image it is true of is among its K most similar images. Ties count against the query
+    (as in `retrieval_recall`); with `true_pairs` = "is the caption's own image" both functions agree.
+
+    Args:
+      sim: float[I, T] similarities; true_pairs: bool[I, T] (every row and column needs one True).
+    Returns:
+      {"i2t@k": float, "t2i@k": float} for each k.
+    """
+    sim = np.nan_to_num(np.asarray(sim, np.float32), nan=-np.inf)
+    true_pairs = np.asarray(true_pairs, bool)
+    if sim.shape != true_pairs.shape or sim.ndim != 2:
+        raise ValueError(f"retrieval_recall_true: expected sim and true_pairs of one shape [I, T], got {sim.shape} "
+                         f"and {true_pairs.shape}")
+    if not (true_pairs.any(axis=0).all() and true_pairs.any(axis=1).all()):
+        raise ValueError("retrieval_recall_true: every image and every caption needs at least one true pair")
+    best_i2t = np.where(true_pairs, sim, -np.inf).max(axis=1, keepdims=True)  # [I, 1]
+    i2t_rank = np.sum(~true_pairs & (sim >= best_i2t), axis=1)
+    best_t2i = np.where(true_pairs, sim, -np.inf).max(axis=0, keepdims=True)  # [1, T]
+    t2i_rank = np.sum(~true_pairs & (sim >= best_t2i), axis=0)
+    out = {f"i2t@{k}": float(np.mean(i2t_rank < k)) for k in ks}
+    out.update({f"t2i@{k}": float(np.mean(t2i_rank < k)) for k in ks})
+    return out
+
+
+def retrieval_ceilings(true_pairs, text_to_image) -> dict:
+    """The best expected R@1 under the strict protocol (only a caption's own image is a hit), given captions that are
+    true of several images: an oracle ranks the images a caption is true of first (the captions true of an image,
+    for image->text), in random order among themselves.
+
+    Args:
+      true_pairs: bool[I, T] caption t is true of image i (its own image included); text_to_image: int[T].
+    Returns:
+      {"t2i@1": mean over captions of 1 / #images it is true of,
+       "i2t@1": mean over images of #own captions / #captions true of it}.
+    """
+    true_pairs = np.asarray(true_pairs, bool)
+    own = np.zeros_like(true_pairs)
+    own[np.asarray(text_to_image), np.arange(true_pairs.shape[1])] = True
+    true_pairs = true_pairs | own
+    return {"t2i@1": float(np.mean(1.0 / true_pairs.sum(axis=0))),
+            "i2t@1": float(np.mean(own.sum(axis=1) / true_pairs.sum(axis=1)))}
+
+
+def roc_auc(positive_scores, negative_scores) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random negative (ties
+    count one half; the Mann-Whitney U statistic over n_pos * n_neg). 0.5 when either set is empty."""
+    pos = np.asarray(positive_scores, np.float64).reshape(-1)
+    neg = np.asarray(negative_scores, np.float64).reshape(-1)
+    if not len(pos) or not len(neg):
+        return 0.5
+    scores = np.concatenate([pos, neg])
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), np.float64)
+    sorted_scores = scores[order]
+    # Average ranks over ties (1-based).
+    _, start, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    ranks[order] = np.repeat(start + (counts + 1) / 2.0, counts)
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))
+
+
+def matching_metrics(positive_scores, negative_scores) -> dict:
+    """Binary matching quality from scores (> 0 = "matches", e.g. logit(match) - logit(no match)).
+
+    Returns {"acc": (true-positive rate + true-negative rate) / 2 (balanced accuracy; chance 0.5 whatever the
+    class counts), "auc": `roc_auc`}.
+    """
+    pos = np.asarray(positive_scores, np.float64).reshape(-1)
+    neg = np.asarray(negative_scores, np.float64).reshape(-1)
+    tpr = float(np.mean(pos > 0)) if len(pos) else 0.0
+    tnr = float(np.mean(neg <= 0)) if len(neg) else 0.0
+    return {"acc": 0.5 * (tpr + tnr), "auc": roc_auc(pos, neg)}
 
 
 def box_metrics(pred, target, mask=None, iou_threshold: float = 0.5) -> dict:

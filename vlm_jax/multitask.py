@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from vlm_jax import caption_truth
 from vlm_jax import tasks as tasks_lib
 from vlm_jax.models import layers, pooling
 from vlm_jax.models.internvl import InternVL
@@ -121,6 +122,10 @@ class MultitaskModel(nnx.Module):
         widths = tasks_lib.Widths(vision=vision_width, text=text_width, embed=e, fused=fused)
         self.tasks = nnx.Dict({name: tasks_lib.TASKS[name](task_configs[name], widths, rngs=rngs)
                                for name in sorted(task_configs.keys())})
+        self.reads_query = any(t.reads_query for t in self.tasks.values())
+        if self.reads_query and embedding.fusion != "late":
+            raise ValueError("a task reads the spatial query (tasks.spatial.query='objects'), which needs "
+                             f"model.embedding.fusion='late'; got {embedding.fusion!r}")
         self.sample_rng = _stream(rngs, "itm").fork()
 
     # ---- shared features ---------------------------------------------------------------------------------------
@@ -169,6 +174,20 @@ class MultitaskModel(nnx.Module):
                 hidden, _ = self.backbone.language_model(inputs_embeds=embeds, attention_mask=mask)
                 return pooling.gather_positions(hidden, pooling.last_valid_index(mask)).astype(jnp.float32)
 
+        query_fused = None
+        if self.reads_query:
+            if "query_ids" not in batch:
+                raise ValueError("the spatial task's query 'objects' needs query_ids in the batch: a dataset whose "
+                                 "records name each caption's subjects and references (spatial_shapes)")
+            query_hidden, _ = self.backbone.language_model(input_ids=batch["query_ids"],
+                                                           attention_mask=batch["query_mask"])
+            query_emb = self._text_branch(query_hidden, batch["query_mask"], train)
+            query_fused = late_fusion_features(image_emb, query_emb, self.config.fusion_features)
+        if "image_id" in batch:
+            negatives = caption_truth.batch_truth(batch) == caption_truth.FALSE
+        else:
+            negatives = ~jnp.eye(b, dtype=bool)
+
         patch = self.backbone.config.vision.patch_size
         rows = jnp.arange(b)
         return tasks_lib.Features(
@@ -176,7 +195,7 @@ class MultitaskModel(nnx.Module):
             patch_grid=heads.patch_grid(image.shape[1] // patch, image.shape[2] // patch),
             image_emb=image_emb, text_emb=text_emb, logit_scale=self.scale(), fused=fuse(rows, rows), fuse=fuse,
             valid=tasks_lib.batch_valid(batch, b),
-            image_id=batch.get("image_id"),
+            image_id=batch.get("image_id"), negatives=negatives, query_fused=query_fused,
             rng=self.sample_rng() if train else None)
 
     # ---- tasks -------------------------------------------------------------------------------------------------

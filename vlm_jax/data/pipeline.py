@@ -22,6 +22,13 @@ Batch fields (numpy, leading axis = this process's rows; see the contract):
     text_ids, text_mask      int32[B, max_text_length]    caption tokens + EOS, right-padded
     prompt_ids, prompt_mask  int32[B, max_prompt_length]  template with <img><IMG_CONTEXT>*n</img> + caption
     box          float32[B, 4], has_box bool[B], relation int32[B], has_relation bool[B]
+    caption_key, subject_key, reference_key   int32[B]  `caption_truth.text_key` of the caption and of the objects
+                 it relates (-1 when the dataset does not name them)
+    scene_keys   int32[B, N], scene_boxes float32[B, N, 4]: the image's objects (name keys, -1 padding; boxes), for
+                 datasets that know every object (`spatial_shapes`: N = max_objects; else N = 0). With the caption
+                 keys they decide which pairs are true negatives (`vlm_jax.caption_truth`).
+    query_ids, query_mask    int32[B, max_text_length]  "the <subject> and the <reference>" (the spatial task's
+                 query without the relation), for datasets that name both objects
     valid        bool[B]  (eval only) False on the padding rows that even out the processes' batch counts
 
 Determinism and resume: the order depends only on (seed, shard, config); `PipelineIterator` is a grain
@@ -55,9 +62,11 @@ import tensorflow_datasets as tfds
 from absl import flags
 from etils import epath
 
+from vlm_jax import caption_truth
 from vlm_jax import tokenizer as tokenizer_lib
 from vlm_jax.data import preprocess
 from vlm_jax.data import prompt as prompt_lib
+from vlm_jax.data.datasets import relations
 
 if TYPE_CHECKING:
     from vlm_jax.models.config import InternVLConfig
@@ -185,6 +194,8 @@ class _Encoder:
     max_tiles: int
     use_thumbnail: bool
     tiles_dim: int
+    scene_size: int  # N of scene_keys / scene_boxes
+    with_queries: bool  # the records name each caption's subject and reference
 
     def __post_init__(self):
         self._captions = copy.copy(self.builder)
@@ -211,9 +222,10 @@ class _Encoder:
     def caption(self, record: dict, k: int) -> dict:
         """Caption k's text tower input and labels: text_ids/mask, box, has_box, relation, has_relation."""
         before = self._captions.num_truncated
-        ids, mask = self._captions.batch([self._captions.caption_ids(_text(record["captions"][k]))],
+        caption = _text(record["captions"][k])
+        ids, mask = self._captions.batch([self._captions.caption_ids(caption)],
                                          length=self.text_length, padding_side="right")
-        return {
+        out = {
             "image_id": np.int32(record["image_id"]),
             "text_ids": ids[0],
             "text_mask": mask[0],
@@ -221,8 +233,33 @@ class _Encoder:
             "has_box": np.bool_(record["has_box"][k]),
             "relation": np.int32(record["relations"][k]),
             "has_relation": np.bool_(record["has_relation"][k]),
-            "_truncated_captions": np.int32(self._captions.num_truncated > before),
+            "caption_key": np.int32(caption_truth.text_key(caption)),
+            "subject_key": np.int32(caption_truth.NO_KEY),
+            "reference_key": np.int32(caption_truth.NO_KEY),
         }
+        out.update(self.scene(record))
+        if self.with_queries:
+            subject, reference = _text(record["subjects"][k]), _text(record["references"][k])
+            out["subject_key"] = np.int32(caption_truth.text_key(subject))
+            out["reference_key"] = np.int32(caption_truth.text_key(reference))
+            ids, mask = self._captions.batch([self._captions.caption_ids(relations.pair_query(subject, reference))],
+                                             length=self.text_length, padding_side="right")
+            out.update(query_ids=ids[0], query_mask=mask[0])
+        out["_truncated_captions"] = np.int32(self._captions.num_truncated > before)
+        return out
+
+    def scene(self, record: dict) -> dict:
+        """scene_keys int32[N] and scene_boxes float32[N, 4] of the record's objects (padding: key -1)."""
+        keys = np.full(self.scene_size, caption_truth.NO_KEY, np.int32)
+        boxes = np.zeros((self.scene_size, 4), np.float32)
+        if self.scene_size:
+            names = [_text(n) for n in record["object_names"]]
+            if len(names) > self.scene_size:
+                raise ValueError(f"{self.dataset} image_id={int(record['image_id'])}: {len(names)} objects, more "
+                                 f"than the builder config's max_objects={self.scene_size}")
+            keys[: len(names)] = [caption_truth.text_key(n) for n in names]
+            boxes[: len(names)] = np.asarray(record["object_boxes"], np.float32).reshape(-1, 4)
+        return {"scene_keys": keys, "scene_boxes": boxes}
 
     def __call__(self, record: dict, k: int) -> dict:
         """The full example: image, caption and the prompt with the image block(s) followed by the caption."""
@@ -333,6 +370,16 @@ def _eval_items(items: np.ndarray, shard_index: int, shard_count: int, local_bat
     return out
 
 
+def scene_size(builder) -> int:
+    """N of the scene fields: the builder config's `max_objects` when records list every object, else 0."""
+    if "object_names" not in builder.info.features:
+        return 0
+    size = getattr(builder.builder_config, "max_objects", None)
+    if not size:
+        raise ValueError(f"{builder.name}: records list their objects but the builder config has no max_objects")
+    return int(size)
+
+
 def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *, split: str, train: bool,
                   global_batch_size: int, seed: int, shard_index: int, shard_count: int) -> PipelineIterator:
     """This process's iterator of host batches of `global_batch_size / shard_count` rows.
@@ -349,12 +396,14 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
         raise ValueError(f"global batch size {global_batch_size} is not divisible by the {shard_count} processes")
     local_batch_size = global_batch_size // shard_count
     builder, source = load_source(data_config, split)
+    features = builder.info.features
     encode = _Encoder(dataset=builder.name, builder=make_prompt_builder(data_config, inputs),
                       image_size=inputs.image_size, text_length=int(data_config.max_text_length),
                       prompt_length=prompt_length(data_config, inputs, train),
                       dynamic_tiles=bool(not train and data_config.eval_dynamic_tiles),
                       min_tiles=int(data_config.min_tiles), max_tiles=int(data_config.max_tiles),
-                      use_thumbnail=bool(data_config.use_thumbnail), tiles_dim=max_tiles_per_image(data_config, train))
+                      use_thumbnail=bool(data_config.use_thumbnail), tiles_dim=max_tiles_per_image(data_config, train),
+                      scene_size=scene_size(builder), with_queries="subjects" in features and "references" in features)
     if train:
         indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
         if len(indices) < local_batch_size:

@@ -9,6 +9,8 @@ A task is an `nnx.Module` subclass of `Task` with
   diagnostic_terms   terms of `loss` that are not losses (accuracies, counts, the temperature): logged under
                      ``train/`` in training and as plain metrics in evaluation, never under ``loss/``;
   headline_metrics   the few metrics the console shows after each evaluation;
+  reads_query        (attribute) True when the task reads `Features.query_fused` (the model then encodes the
+                     batch's `query_ids`);
   metric_names       the keys `metrics` returns (``config.checkpoint.best_metric`` is checked against them);
   __init__(cfg, widths, *, rngs)        cfg = config.tasks.<name>, widths = `Widths` of the shared features;
   __call__(features, batch, *, train)   -> dict of outputs;
@@ -56,6 +58,10 @@ class Features:
     fuse           (int[N] image rows, int[N] caption rows) -> float32[N, F]: fused features of other pairs
     valid          bool[B]            False on evaluation padding rows (they count nowhere)
     image_id       int[B] or None     rows with equal ids show the same image
+    negatives      bool[B, B]         caption j is false for image i (`vlm_jax.caption_truth`): the only pairs the
+                                      contrastive and matching losses may treat as negatives
+    query_fused    float32[B, F] or None  fused features of (image i, query i), the spatial query that names the two
+                                      objects without the relation; None unless a task reads queries
     rng            PRNG key or None   for sampling in training (None in evaluation: deterministic)
     """
 
@@ -68,6 +74,8 @@ class Features:
     fuse: Callable[[jax.Array, jax.Array], jax.Array]
     valid: jax.Array
     image_id: jax.Array | None
+    negatives: jax.Array
+    query_fused: jax.Array | None
     rng: jax.Array | None
 
 
@@ -81,6 +89,7 @@ class Task(nnx.Module):
     metric_names: ClassVar[tuple[str, ...]] = ()  # the keys `metrics` returns (checked before a run starts)
     diagnostic_terms: ClassVar[tuple[str, ...]] = ()
     headline_metrics: ClassVar[tuple[str, ...]] = ()
+    reads_query: bool = False
 
     def __init__(self, cfg: ml_collections.ConfigDict, widths: Widths, *, rngs: nnx.Rngs):
         self.weight = float(cfg.weight)

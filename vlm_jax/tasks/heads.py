@@ -1,4 +1,5 @@
-"""Output heads shared by the tasks: MLP / linear classifiers, the box parameterisation, the attention box head.
+"""Output heads shared by the tasks: MLP / linear classifiers, the box parameterisation, attention over the patches
+(the box head and the spatial relation head).
 
 Legend: B batch, F head input width, H hidden width, C outputs, N attention heads, P patches, Dv vision width.
 Every parameter carries logical axis names (`layers.Linear`), so heads shard with the same rules as the backbone.
@@ -56,28 +57,28 @@ def patch_grid(height: int, width: int):
     return jnp.stack([xs.reshape(-1), ys.reshape(-1)], axis=-1)
 
 
-class AttentionBoxHead(MLPHead):
-    """Box from a query (the fused feature) attending over the ViT patch tokens.
+class PatchAttentionHead(MLPHead):
+    """C outputs from a query (a fused pair feature) attending over the ViT patch tokens.
 
     Each of N heads forms a softmax over the P patches (logits = q_n . x_p, x = the patch tokens normalised without
     parameters); its weighted mean and standard deviation of the patch centres (where the attended object is and how
-    far it extends) and its weighted sum of the patch tokens, with the query itself, go through an MLP to the 4 box
-    logits (`box_from_logits`). The centre logits are added to the logit of head 0's attended position, so the box
-    follows where head 0 looks from the first step and the MLP learns corrections and the size (measured on a toy
-    localisation task: IoU 0.43 on each of 4 initialisations vs 0.06 to 0.39 without the prior).
+    far it extends) and its weighted sum of the patch tokens, with the query itself, go through an MLP to the C
+    outputs. Different heads can look at different objects the query names, so the MLP sees where each one is: a box
+    (`AttentionBoxHead`) or the relation between two objects (the spatial task) is a function of those positions.
 
     Key and value projections are left out on purpose: q . (W_k x) = (W_k^T q) . x, so a key projection folds into
     the query projection, and a value projection into the MLP's first layer. The head then costs O(B N P Dv) instead
     of O(B P Dv^2), and with a frozen backbone no gradient flows into the patch tokens at all.
 
-    float[B, F] query, float[B, P, Dv] patch tokens, float32[P, 2] patch centres (`patch_grid`) -> float32[B, 4].
+    float[B, F] query, float[B, P, Dv] patch tokens, float32[P, 2] patch centres (`patch_grid`) -> float32[B, C].
     Attributes: query (F -> N Dv), and the MLP's hidden (over F + N Dv + 4 N features), kernel, bias (`MLPHead`).
     """
 
-    def __init__(self, query_features: int, width: int, num_heads: int, hidden: int, *, rngs: nnx.Rngs):
+    def __init__(self, query_features: int, width: int, num_heads: int, hidden: int, out_features: int, *,
+                 rngs: nnx.Rngs):
         if num_heads < 1:
-            raise ValueError(f"box head: num_heads must be >= 1, got {num_heads}")
-        super().__init__(query_features + num_heads * width + 4 * num_heads, hidden, 4, rngs=rngs)
+            raise ValueError(f"attention head: num_heads must be >= 1, got {num_heads}")
+        super().__init__(query_features + num_heads * width + 4 * num_heads, hidden, out_features, rngs=rngs)
         self.num_heads = num_heads
         self.query = layers.Linear(query_features, num_heads * width, ("embed", "heads"), rngs=rngs)
 
@@ -89,14 +90,34 @@ class AttentionBoxHead(MLPHead):
         weights = jax.nn.softmax(jnp.einsum("BND,BPD->BNP", q, x), axis=-1)
         return weights, jnp.einsum("BNP,BPD->BND", weights, x)
 
-    def __call__(self, query, patches, grid):
+    def attended(self, query, patches, grid):
+        """(float32[B, C] outputs, float32[B, N, 2] each head's attended position)."""
         weights, pooled = self.attention(query, patches)
         mean = jnp.einsum("BNP,PC->BNC", weights, grid)  # [B, N, 2]
         var = jnp.einsum("BNP,PC->BNC", weights, grid * grid) - mean * mean
         std = jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6)  # eps: finite gradient when one patch takes all the weight
         flat = lambda x: rearrange(x, "B N C -> B (N C)")  # noqa: E731
         feats = [query.astype(jnp.float32), flat(pooled), flat(mean), flat(std)]
-        raw = super().__call__(jnp.concatenate(feats, axis=-1))
+        return MLPHead.__call__(self, jnp.concatenate(feats, axis=-1)), mean
+
+    def __call__(self, query, patches, grid):
+        return self.attended(query, patches, grid)[0]
+
+
+class AttentionBoxHead(PatchAttentionHead):
+    """A box (4 logits for `box_from_logits`) from a `PatchAttentionHead`. The centre logits are added to the logit of
+    head 0's attended position, so the box follows where head 0 looks from the first step and the MLP learns
+    corrections and the size (measured on a toy localisation task: IoU 0.43 on each of 4 initialisations vs 0.06 to
+    0.39 without the prior).
+
+    float[B, F] query, float[B, P, Dv] patch tokens, float32[P, 2] patch centres -> float32[B, 4].
+    """
+
+    def __init__(self, query_features: int, width: int, num_heads: int, hidden: int, *, rngs: nnx.Rngs):
+        super().__init__(query_features, width, num_heads, hidden, 4, rngs=rngs)
+
+    def __call__(self, query, patches, grid):
+        raw, mean = self.attended(query, patches, grid)
         # Centre prior: head 0's attended position (a soft-argmax), as a logit of box_from_logits' sigmoid.
         centre = jnp.clip(mean[:, 0], 1e-3, 1.0 - 1e-3)  # [B, 2]
         prior = jnp.concatenate([jnp.log(centre) - jnp.log1p(-centre), jnp.zeros_like(centre)], axis=-1)

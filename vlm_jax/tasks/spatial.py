@@ -1,7 +1,16 @@
-"""Spatial relation classification: which of the relations (left, right, above, below, inside, outside) the caption
-states between its two objects, from the fused pair feature.
+"""Spatial relation classification: which of the relations (left, right, above, below, inside, outside) holds
+between a caption's two objects.
 
-Config (`config.tasks.spatial`): weight; num_relations; hidden_dim (0 = a linear head, the seed recipe).
+Queries (`config.tasks.spatial.query`):
+  'objects'  the head reads "the red circle and the blue square" (`relations.pair_query`: the two objects, subject
+             first, without the relation) fused with the image, so the relation must come from the image. Needs a
+             dataset whose records name each caption's subject and reference (`spatial_shapes`) and late fusion.
+  'caption'  the head reads the caption's own fused pair feature; the caption states the relation, so this measures
+             reading the word (the seed recipe's form).
+Heads (`head`): 'mlp' (on the fused feature; hidden_dim 0 = a linear head, the seed recipe) or 'attention'
+(`heads.PatchAttentionHead`: the query attends over the ViT patch tokens with num_heads heads, each head's attended
+position and extent feed the MLP, so a relation between two attended objects is a function of where they are).
+Config: weight; num_relations; query; head; num_heads; hidden_dim.
 Metrics: accuracy, macro-F1 and the majority-class accuracy (`chance/spatial_acc`) over captions with a relation.
 """
 
@@ -10,6 +19,9 @@ import numpy as np
 from vlm_jax import losses, metrics
 from vlm_jax.tasks import heads
 from vlm_jax.tasks.base import Task
+
+QUERIES = ("caption", "objects")
+HEADS = ("mlp", "attention")
 
 
 class SpatialTask(Task):
@@ -23,10 +35,24 @@ class SpatialTask(Task):
     def __init__(self, cfg, widths, *, rngs):
         super().__init__(cfg, widths, rngs=rngs)
         self.num_relations = int(cfg.num_relations)
-        self.head = heads.make_head(widths.fused, int(cfg.hidden_dim), self.num_relations, rngs=rngs)
+        self.query, self.kind = cfg.get("query", "caption"), cfg.get("head", "mlp")
+        if self.query not in QUERIES:
+            raise ValueError(f"tasks.spatial.query must be one of {QUERIES}, got {self.query!r}")
+        if self.kind not in HEADS:
+            raise ValueError(f"tasks.spatial.head must be one of {HEADS}, got {self.kind!r}")
+        self.reads_query = self.query == "objects"
+        hidden = int(cfg.hidden_dim)
+        if self.kind == "attention":
+            self.head = heads.PatchAttentionHead(widths.fused, widths.vision, int(cfg.get("num_heads", 4)),
+                                                 hidden or widths.vision, self.num_relations, rngs=rngs)
+        else:
+            self.head = heads.make_head(widths.fused, hidden, self.num_relations, rngs=rngs)
 
     def __call__(self, features, batch, *, train):
-        return {"spatial_logits": self.head(features.fused)}
+        query = features.query_fused if self.reads_query else features.fused
+        if self.kind == "attention":
+            return {"spatial_logits": self.head(query, features.vision_hidden[:, 1:], features.patch_grid)}
+        return {"spatial_logits": self.head(query)}
 
     def loss(self, outputs, batch, valid):
         return losses.spatial_loss(outputs["spatial_logits"], batch["relation"], batch["has_relation"] & valid)

@@ -10,6 +10,14 @@ from collections.abc import Sequence
 RELATIONS = ("left", "right", "above", "below", "inside", "outside")
 LEFT, RIGHT, ABOVE, BELOW, INSIDE, OUTSIDE = range(len(RELATIONS))
 NUM_RELATIONS = len(RELATIONS)
+# A direction between two boxes that are not nested is clear when the centre offset's dominant axis is at least
+# this many times the other (|dx| >= 1.25 |dy| reads "left"/"right", not "above"/"below").
+CLEAR_AXIS_MARGIN = 1.25
+
+
+def pair_query(subject: str, reference: str) -> str:
+    """The spatial task's query when the relation must come from the image: "the red circle and the blue square"."""
+    return f"the {subject} and the {reference}"
 
 
 def _check_box(name: str, box: Sequence[float]) -> tuple[float, float, float, float]:

@@ -80,7 +80,6 @@ _OBJECT_SIZE = (0.15, 0.35)
 _OUTER_SIZE = (0.35, 0.55)
 _INNER_FRACTION = (0.25, 0.45)  # inner side / outer side; the inner box lies in the outer's central half
 _MIN_PIXELS = 6
-_AXIS_MARGIN = 1.25  # directional pairs need max(|dx|,|dy|) >= 1.25 * min(|dx|,|dy|)
 
 
 @dataclasses.dataclass(eq=False)
@@ -221,7 +220,7 @@ def _sample_layout(rng, config: SpatialShapesConfig, num_objects: int, nested: b
 def _clear_direction(a, b) -> bool:
     dx = abs((a[0] + a[2]) - (b[0] + b[2]))
     dy = abs((a[1] + a[3]) - (b[1] + b[3]))
-    return max(dx, dy) >= _AXIS_MARGIN * min(dx, dy) and max(dx, dy) > 0
+    return max(dx, dy) >= rel.CLEAR_AXIS_MARGIN * min(dx, dy) and max(dx, dy) > 0
 
 
 def generate_example(config: SpatialShapesConfig, split: str, index: int) -> dict:
