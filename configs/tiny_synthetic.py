@@ -26,7 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.backbone = "tiny"  # "tiny" (random, vocabulary sized to the tokenizer) | "converted"
     c.model.converted_dir = ""  # backbone 'converted': python -m vlm_jax.convert's output (config, weights, tokenizer)
     c.model.tokenizer = "demo"  # "demo" (BPE over the demo words) | a tokenizer directory | "" = converted_dir's
-    c.model.tiny = ml_collections.ConfigDict(dict(image_size=64))  # overrides of InternVLConfig.tiny
+    # Overrides of InternVLConfig.tiny: the image size and the towers' sizes.
+    c.model.tiny = ml_collections.ConfigDict(dict(
+        image_size=64,
+        vision=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
+        text=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
+    ))
     c.model.dtype = "float32"  # backbone compute
     c.model.backbone_param_dtype = "float32"  # backbone storage
     # Shared layers on the backbone's features (vlm_jax.multitask).

@@ -41,8 +41,8 @@ RUNS = {
     "seed_recipe": SEED_HEADS + ["--config.model.embedding.text_pool=first"],
 }
 
-KEYS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "loss/itm", "itm_acc", "box_iou", "box_giou", "box_l1",
-        "box_acc50", "spatial_acc", "spatial_f1")
+KEYS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "t2i_r1_true", "i2t_r1_true", "loss/itm", "itm_acc", "itm_auc",
+        "itm_acc_hard", "itm_auc_hard", "box_iou", "box_giou", "box_l1", "box_acc50", "spatial_acc", "spatial_f1")
 
 
 def final_metrics(path: str) -> dict:
@@ -53,7 +53,7 @@ def final_metrics(path: str) -> dict:
             rec = json.loads(line)
             if "split" in rec:
                 out[rec["split"]] = rec
-    return {split: {k: rec[k] for k in sorted(rec) if k in KEYS or k.startswith("box_") or k.startswith("chance/")}
+    return {split: {k: rec[k] for k in sorted(rec) if k in KEYS or k.startswith(("box_", "chance/", "ceiling/"))}
             for split, rec in out.items()}
 
 

@@ -96,7 +96,7 @@ def test_summary_table_of_the_last_training_evaluation(tmp_path):
     records = [dict(step=10, split="validation", t2i_r1=0.1, **{"chance/t2i_r1": 0.01, "loss/total": 3.0}),
                dict(step=20, split="validation", t2i_r1=0.2, num_images=64, **{"chance/t2i_r1": 0.01,
                                                                                   "loss/total": 2.5}),
-               dict(step=20, split="test", t2i_r1=0.3),
+               dict(step=20, split="test", t2i_r1=0.3, **{"ceiling/t2i_r1": 0.6}),
                dict(step=20, split="validation", t2i_r1=0.9, mode="eval")]  # --mode eval: not the run's own
     with open(tmp_path / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -104,7 +104,7 @@ def test_summary_table_of_the_last_training_evaluation(tmp_path):
     assert step == 20 and results["validation"]["t2i_r1"] == 0.2 and results["test"]["t2i_r1"] == 0.3
     table = run_summary.metrics_table(results)
     assert table[0].split() == ["metric", "validation", "test"]
-    assert table[1].split() == ["t2i_r1", "0.2000", "(chance", "0.0100)", "0.3000"]
+    assert table[1].split() == ["t2i_r1", "0.2000", "(chance", "0.0100)", "0.3000", "(ceiling", "0.6000)"]
     assert table[2].split() == ["loss/total", "2.5000", "-"]  # losses last; counts left out
     assert len(table) == 3
 

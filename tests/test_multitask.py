@@ -183,6 +183,26 @@ def test_itm_pairs_are_the_fused_inputs(run):
     np.testing.assert_allclose(model.tasks["itm"].head(fused), out["itm_logits"], atol=1e-4)
 
 
+def test_spatial_objects_query_reads_the_image_and_the_query_not_the_caption(backbone):
+    """query='objects': the relation comes from (image, "the A and the B"); the caption does not enter."""
+    model = MultitaskModel(backbone, embedding_config(), task_configs(spatial=dict(query="objects", head="attention")),
+                           rngs=nnx.Rngs(params=1, dropout=2, itm=3))
+    batch = make_batch(backbone.config.num_image_tokens)
+    base = np.asarray(eval_forward(model, batch)["spatial_logits"])
+    assert base.shape == (B, 6) and np.isfinite(base).all()
+    other_caption = dict(batch, text_ids=jnp.roll(batch["text_ids"], 1, axis=0),
+                         text_mask=jnp.roll(batch["text_mask"], 1, axis=0))
+    np.testing.assert_array_equal(eval_forward(model, other_caption)["spatial_logits"], base)
+    other_query = dict(batch, query_ids=jnp.roll(batch["query_ids"], 1, axis=0),
+                       query_mask=jnp.roll(batch["query_mask"], 1, axis=0))
+    other_image = dict(batch, image=batch["image"][::-1])
+    for changed in (other_query, other_image):
+        assert not np.allclose(eval_forward(model, changed)["spatial_logits"], base)
+    missing = {k: v for k, v in batch.items() if not k.startswith("query")}
+    with pytest.raises(ValueError, match="query_ids"):
+        eval_forward(model, missing)
+
+
 def test_text_pooling_vs_numpy():
     rng = np.random.default_rng(0)
     h = rng.normal(size=(3, 5, 4)).astype(np.float32)
@@ -239,6 +259,12 @@ def test_config_errors_and_first_token_warning(caplog, backbone):
         build(task_configs(box=dict(head="detr")))
     with pytest.raises(ValueError, match="hidden_dim"):
         build(task_configs(itm=dict(hidden_dim=-1)))
+    with pytest.raises(ValueError, match="tasks.spatial.query"):
+        build(task_configs(spatial=dict(query="relation")))
+    with pytest.raises(ValueError, match="tasks.spatial.head"):
+        build(task_configs(spatial=dict(head="conv")))
+    with pytest.raises(ValueError, match="fusion='late'"):
+        build(task_configs(spatial=dict(query="objects")), fusion="lm")
     unknown = task_configs()
     unknown.detr = dict(weight=1.0)
     with pytest.raises(ValueError, match="unknown tasks"):

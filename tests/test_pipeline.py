@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import ml_collections
 import numpy as np
@@ -63,7 +64,11 @@ def test_batch_fields_follow_the_contract(config, records):
                     "text_ids": ((4, 24), np.int32), "text_mask": ((4, 24), np.int32),
                     "prompt_ids": ((4, lp), np.int32), "prompt_mask": ((4, lp), np.int32),
                     "box": ((4, 4), np.float32), "has_box": ((4,), np.bool_),
-                    "relation": ((4,), np.int32), "has_relation": ((4,), np.bool_)}
+                    "relation": ((4,), np.int32), "has_relation": ((4,), np.bool_),
+                    "caption_key": ((4,), np.int32), "subject_key": ((4,), np.int32),
+                    "reference_key": ((4,), np.int32), "scene_keys": ((4, 4), np.int32),
+                    "scene_boxes": ((4, 4, 4), np.float32), "query_ids": ((4, 24), np.int32),
+                    "query_mask": ((4, 24), np.int32)}
         assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
         for i in range(4):
             record = records[int(batch["image_id"][i])]
@@ -78,6 +83,18 @@ def test_batch_fields_follow_the_contract(config, records):
             k = captions.index(caption)
             np.testing.assert_array_equal(batch["box"][i], record["boxes"][k])
             assert batch["relation"][i] == record["relations"][k] and batch["has_box"][i]
+            # What the truth check reads: the keys of the caption and its objects, every object of the image.
+            subject, reference = record["subjects"][k].decode(), record["references"][k].decode()
+            assert caption.startswith(f"the {subject} ") and caption.endswith(f" the {reference}")
+            assert batch["caption_key"][i] == zlib.crc32(caption.encode()) & 0x7FFFFFFF
+            assert batch["subject_key"][i] == zlib.crc32(subject.encode()) & 0x7FFFFFFF
+            assert batch["reference_key"][i] == zlib.crc32(reference.encode()) & 0x7FFFFFFF
+            names = [n.decode() for n in record["object_names"]]
+            keys = [zlib.crc32(n.encode()) & 0x7FFFFFFF for n in names] + [-1] * (4 - len(names))
+            np.testing.assert_array_equal(batch["scene_keys"][i], keys)
+            np.testing.assert_array_equal(batch["scene_boxes"][i][: len(names)], record["object_boxes"])
+            q = batch["query_mask"][i].sum()
+            assert tokenizer.decode(batch["query_ids"][i][: q - 1]) == f"the {subject} and the {reference}"
             # Prompt ("plain" template): <img> <IMG_CONTEXT> x 3 </img> caption EOS, right-padded.
             m = batch["prompt_mask"][i].sum()
             prompt = batch["prompt_ids"][i][:m].tolist()

@@ -114,10 +114,13 @@ def truth_matrix(images: Mapping, captions: Mapping):
 
 
 def batch_truth(batch: Mapping):
-    """int32[B, B] truth of caption row j for image row i of a batch (one caption per row)."""
+    """int32[B, B] truth of caption row j for image row i of a batch (one caption per row; rows with the same
+    image_id show the same image)."""
     images = {"image_id": batch["image_id"]}
     if "caption_key" in batch:
-        images["caption_keys"] = batch["caption_key"][:, None]
+        # Row i's image has the captions of every row showing it: [B, B] keys, NO_KEY where another image.
+        same = batch["image_id"][:, None] == batch["image_id"][None, :]
+        images["caption_keys"] = jnp.where(same, batch["caption_key"][None, :], NO_KEY)
         if "scene_keys" in batch:
             images.update(scene_keys=batch["scene_keys"], scene_boxes=batch["scene_boxes"])
     captions = {k: batch[k] for k in ("image_id", *CAPTION_FIELDS) if k in batch}

@@ -32,6 +32,10 @@ DESCRIPTIONS: dict[str, str] = {
                            "vlm_jax.convert` (config, weights, tokenizer)",
     "model.tokenizer": "'demo' (BPE over the demo words) | a directory with tokenizer files | '' = converted_dir's",
     "model.tiny": "backbone 'tiny': overrides of InternVLConfig.tiny() (its fields or its vision / text fields)",
+    "model.tiny.vision": "vision tower sizes (VisionConfig fields: hidden_size, num_layers, num_heads, ...)",
+    "model.tiny.vision.*": "a field of VisionConfig",
+    "model.tiny.text": "language model sizes (TextConfig fields: hidden_size, num_layers, num_heads, ...)",
+    "model.tiny.text.*": "a field of TextConfig",
     "model.tiny.image_size": "tile side in px; LM tokens per tile = (image_size / 16)^2 (patch 8 px, pixel shuffle 2)",
     "model.dtype": "backbone compute dtype: 'float32' | 'bfloat16' (adapters, heads, norms, losses stay float32)",
     "model.backbone_param_dtype": "backbone parameter storage dtype: 'float32' | 'bfloat16'",
@@ -54,8 +58,7 @@ DESCRIPTIONS: dict[str, str] = {
     "tasks.itc": "image-text contrastive retrieval: symmetric InfoNCE over in-batch negatives; metrics R@1/5/10",
     "tasks.itc.matryoshka": "> 0: adds this times the mean contrastive loss over matryoshka_dims (0 = off)",
     "tasks.itc.matryoshka_dims": "nested embedding widths (each in (0, embed_dim]) of the matryoshka loss",
-    "tasks.itm": "image-text matching: a head tells the B positive pairs from 2B in-batch hard negatives "
-                 "(true negatives only: captions false for the image)",
+    "tasks.itm": "image-text matching: a head tells the B positives from 2B in-batch hard true negatives",
     "tasks.itm.hidden_dim": "head MLP width (Linear-GELU-Linear); 0 = a linear head",
     "tasks.box": "box regression: the xyxy box (normalised to 0..1) of the object the caption names",
     "tasks.box.l1": "weight of L1 in the box loss l1 * L1 + giou * (1 - GIoU)",
@@ -63,10 +66,9 @@ DESCRIPTIONS: dict[str, str] = {
     "tasks.box.head": "'attention' (fused feature attends over the ViT patch tokens) | 'linear' (on the fused feature)",
     "tasks.box.num_heads": "head 'attention': attention heads",
     "tasks.box.hidden_dim": "head 'attention': MLP width (0 = the vision width)",
-    "tasks.spatial": "spatial relation between a caption's two objects (left, right, above, below, inside, "
-                     "outside): a classifier",
-    "tasks.spatial.query": "'objects': 'the red circle and the blue square' (the relation must come from the image) | "
-                           "'caption': the caption, which names the relation (seed recipe)",
+    "tasks.spatial": "relation between a caption's two objects (left, right, above, below, inside, outside)",
+    "tasks.spatial.query": "'objects': 'the red circle and the blue square', relation from the image | "
+                           "'caption' (names it)",
     "tasks.spatial.head": "'attention' (over the ViT patch tokens, like the box head) | 'mlp' (on the fused feature)",
     "tasks.spatial.num_heads": "attention head: heads (each can look at one of the objects)",
     "tasks.spatial.num_relations": "relation classes (6: the datasets' label set)",

@@ -26,18 +26,21 @@ def last_evaluations(workdir: str) -> tuple[int | None, dict[str, dict[str, floa
 
 
 def metrics_table(results: dict[str, dict[str, float]]) -> list[str]:
-    """Rows ``metric  value (chance) ...``, one column per split; losses last, counts (``num_*``) left out."""
+    """Rows ``metric  value (chance, ceiling) ...``, one column per split; losses last, counts (``num_*``) left
+    out. ``chance/<name>`` and ``ceiling/<name>`` (what a model ignoring its input scores, the best reachable) are
+    shown beside ``<name>``."""
     splits = list(results)
     names = sorted({k for r in results.values() for k, v in r.items()
-                    if isinstance(v, (int, float)) and not k.startswith("chance/") and "num_" not in k and k != "step"},
+                    if isinstance(v, (int, float)) and not k.startswith(("chance/", "ceiling/")) and "num_" not in k
+                    and k != "step"},
                    key=lambda k: (k.startswith("loss/"), k))
 
     def cell(split, name):
         r = results[split]
         if name not in r:
             return "-"
-        chance = r.get(f"chance/{name}")
-        return f"{r[name]:.4f}" + (f" (chance {chance:.4f})" if chance is not None else "")
+        notes = [f"{kind} {r[f'{kind}/{name}']:.4f}" for kind in ("chance", "ceiling") if f"{kind}/{name}" in r]
+        return f"{r[name]:.4f}" + (f" ({', '.join(notes)})" if notes else "")
 
     rows = [["metric", *splits]] + [[n, *(cell(s, n) for s in splits)] for n in names]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
