@@ -66,8 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
         hidden_dim=256,    # attention head's MLP (0 = the vision width)
     ))
     # The relation from the image: the head reads "the red circle and the blue square" and attends over the patches.
-    c.tasks.spatial = ml_collections.ConfigDict(dict(weight=0.1, num_relations=6, query="objects", head="attention",
-                                                     num_heads=4, hidden_dim=256))
+    c.tasks.spatial = ml_collections.ConfigDict(dict(weight=1.0, num_relations=6, query="objects", head="attention",
+                                                     num_heads=4, hidden_dim=256, locate=1.0))
 
     # Tile size, <IMG_CONTEXT> tokens per tile and the tokenizer come from the model (pipeline.ModelInputs).
     c.data = ml_collections.ConfigDict()

@@ -294,3 +294,13 @@ def test_padding_rows_count_nowhere():
     _, sub_terms = jit_total(sub_out, sub_batch, seed_tasks(box=dict(giou=1.0)))
     for k in ("itc", "itm", "box", "spatial", "total"):
         assert float(terms[k]) == pytest.approx(float(sub_terms[k]), rel=1e-5), k
+
+
+def test_locate_loss_is_the_mean_l1_to_the_box_centres_over_valid_rows():
+    centres = jnp.asarray([[[0.5, 0.5], [0.1, 0.2]], [[jnp.nan, 0.0], [0.0, 0.0]]], jnp.float32)
+    boxes = jnp.asarray([[[0.4, 0.4, 0.8, 0.8], [0.0, 0.0, 0.2, 0.2]], [[0, 0, 1, 1], [0, 0, 1, 1]]], jnp.float32)
+    valid = jnp.array([True, False])
+    # Row 0: |0.5-0.6| + |0.5-0.6| + |0.1-0.1| + |0.2-0.1| over 4 coordinates; row 1 (NaN) is masked out.
+    assert float(losses.locate_loss(centres, boxes, valid)) == pytest.approx((0.1 + 0.1 + 0.0 + 0.1) / 4, abs=1e-6)
+    grad = jax.grad(lambda c: losses.locate_loss(c, boxes, valid))(centres)
+    assert np.isfinite(np.asarray(grad)).all()

@@ -63,6 +63,8 @@ def make_batch(q, seed=0):
         "box": jnp.asarray([[0.1, 0.1, 0.5, 0.6], [0.2, 0.3, 0.4, 0.9], [0, 0, 1, 1], [0.3, 0.3, 0.3, 0.3]],
                            jnp.float32),
         "has_box": jnp.array([True, True, False, True]),
+        "reference_box": jnp.asarray([[0.6, 0.1, 0.9, 0.6], [0, 0, 0, 0], [0.2, 0.2, 0.3, 0.3], [0.5, 0.5, 0.7, 0.9]],
+                                     jnp.float32),
         "relation": jnp.array([0, 3, 5, 1], jnp.int32),
         "has_relation": jnp.array([True, False, True, True]),
         "query_ids": jnp.asarray(text_ids[::-1]), "query_mask": jnp.asarray(text_mask[::-1]),
@@ -181,6 +183,23 @@ def test_itm_pairs_are_the_fused_inputs(run):
         fused = fused_pass(model, batch["image"][pairs[:, 0]], batch["prompt_ids"][pairs[:, 1]],
                            batch["prompt_mask"][pairs[:, 1]])
     np.testing.assert_allclose(model.tasks["itm"].head(fused), out["itm_logits"], atol=1e-4)
+
+
+def test_itm_eval_scores_are_the_heads_log_odds_on_hard_and_random_true_negatives(run):
+    model, batch, outs = run
+    if "eval1" not in outs:
+        pytest.skip("checked with late fusion")
+    out = outs["eval1"]
+    scores, found = np.asarray(out["itm_scores"]), np.asarray(out["itm_found"])
+    assert scores.shape == found.shape == (B, 5)
+    logits = np.asarray(out["itm_logits"])
+    # Columns 0-2: the positive and the two hard negatives of itm_logits (rows i, B + i, 2B + i).
+    np.testing.assert_allclose(scores[:, :3], (logits[:, 1] - logits[:, 0]).reshape(3, B).T, rtol=1e-6)
+    np.testing.assert_array_equal(found[:, :3], np.asarray(out["itm_valid"]).reshape(3, B).T)
+    # Random negatives exist where a hard one does (same candidate set); rows 0 and 3 show the same image, so
+    # each has the two other images' rows as candidates.
+    np.testing.assert_array_equal(found[:, 3:], found[:, 1:3])
+    assert found.all()
 
 
 def test_spatial_objects_query_reads_the_image_and_the_query_not_the_caption(backbone):

@@ -64,6 +64,7 @@ def test_batch_fields_follow_the_contract(config, records):
                     "text_ids": ((4, 24), np.int32), "text_mask": ((4, 24), np.int32),
                     "prompt_ids": ((4, lp), np.int32), "prompt_mask": ((4, lp), np.int32),
                     "box": ((4, 4), np.float32), "has_box": ((4,), np.bool_),
+                    "reference_box": ((4, 4), np.float32),
                     "relation": ((4,), np.int32), "has_relation": ((4,), np.bool_),
                     "caption_key": ((4,), np.int32), "subject_key": ((4,), np.int32),
                     "reference_key": ((4,), np.int32), "scene_keys": ((4, 4), np.int32),
@@ -82,6 +83,7 @@ def test_batch_fields_follow_the_contract(config, records):
             assert caption in captions
             k = captions.index(caption)
             np.testing.assert_array_equal(batch["box"][i], record["boxes"][k])
+            np.testing.assert_array_equal(batch["reference_box"][i], record["reference_boxes"][k])
             assert batch["relation"][i] == record["relations"][k] and batch["has_box"][i]
             # What the truth check reads: the keys of the caption and its objects, every object of the image.
             subject, reference = record["subjects"][k].decode(), record["references"][k].decode()

@@ -71,6 +71,7 @@ DESCRIPTIONS: dict[str, str] = {
                            "'caption' (names it)",
     "tasks.spatial.head": "'attention' (over the ViT patch tokens, like the box head) | 'mlp' (on the fused feature)",
     "tasks.spatial.num_heads": "attention head: heads (each can look at one of the objects)",
+    "tasks.spatial.locate": "attention head: weight of L1(heads 0, 1 attended position, subject / reference centre)",
     "tasks.spatial.num_relations": "relation classes (6: the datasets' label set)",
     "tasks.spatial.hidden_dim": "head MLP width (Linear-GELU-Linear); 0 = a linear head",
 

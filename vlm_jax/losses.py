@@ -147,6 +147,18 @@ def box_loss(pred, target, has_box, l1_weight=1.0, giou_weight=1.0):
     return {"loss": l1_weight * l1 + giou_weight * giou_term, "l1": l1, "giou": giou, "num_boxes": num}
 
 
+def locate_loss(centres, boxes, valid):
+    """Mean L1 distance between attended positions and the centres of the boxes they should look at.
+
+    Args: centres: float[B, K, 2] (x, y); boxes: float[B, K, 4] xyxy; valid: bool[B].
+    Returns: float32[] mean over valid rows and the K objects (0 if none); masked rows may hold NaN.
+    """
+    valid = valid.astype(bool)
+    target = 0.5 * (boxes[..., :2] + boxes[..., 2:])
+    dist = jnp.where(valid[:, None, None], jnp.abs(centres.astype(jnp.float32) - target.astype(jnp.float32)), 0.0)
+    return _masked_mean(jnp.mean(dist, axis=(1, 2)), valid)
+
+
 def spatial_loss(logits, labels, has_relation):
     """Spatial-relation cross-entropy over the samples that have a label.
 

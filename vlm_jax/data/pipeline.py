@@ -22,6 +22,7 @@ Batch fields (numpy, leading axis = this process's rows; see the contract):
     text_ids, text_mask      int32[B, max_text_length]    caption tokens + EOS, right-padded
     prompt_ids, prompt_mask  int32[B, max_prompt_length]  template with <img><IMG_CONTEXT>*n</img> + caption
     box          float32[B, 4], has_box bool[B], relation int32[B], has_relation bool[B]
+    reference_box  float32[B, 4]  the relation's reference object (zeros without a relation)
     caption_key, subject_key, reference_key   int32[B]  `caption_truth.text_key` of the caption and of the objects
                  it relates (-1 when the dataset does not name them)
     scene_keys   int32[B, N], scene_boxes float32[B, N, 4]: the image's objects (name keys, -1 padding; boxes), for
@@ -230,6 +231,7 @@ class _Encoder:
             "text_ids": ids[0],
             "text_mask": mask[0],
             "box": np.asarray(record["boxes"][k], np.float32),
+            "reference_box": np.asarray(record["reference_boxes"][k], np.float32),
             "has_box": np.bool_(record["has_box"][k]),
             "relation": np.int32(record["relations"][k]),
             "has_relation": np.bool_(record["has_relation"][k]),

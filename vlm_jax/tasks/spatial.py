@@ -10,10 +10,15 @@ Queries (`config.tasks.spatial.query`):
 Heads (`head`): 'mlp' (on the fused feature; hidden_dim 0 = a linear head, the seed recipe) or 'attention'
 (`heads.PatchAttentionHead`: the query attends over the ViT patch tokens with num_heads heads, each head's attended
 position and extent feed the MLP, so a relation between two attended objects is a function of where they are).
-Config: weight; num_relations; query; head; num_heads; hidden_dim.
+With the attention head, `locate` > 0 adds locate * the mean L1 distance between the attended positions of heads 0
+and 1 and the centres of the subject's and the reference's boxes (`losses.locate_loss`, logged as
+`spatial_locate`): it tells the heads where to look, as the box head's centre prior does, instead of leaving them to
+find it through the classifier alone.
+Config: weight; num_relations; query; head; num_heads (>= 2 with locate); hidden_dim; locate.
 Metrics: accuracy, macro-F1 and the majority-class accuracy (`chance/spatial_acc`) over captions with a relation.
 """
 
+import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import losses, metrics
@@ -26,9 +31,9 @@ HEADS = ("mlp", "attention")
 
 class SpatialTask(Task):
     name = "spatial"
-    diagnostic_terms = ("acc",)
     headline_metrics = ("spatial_acc",)
     batch_fields = ("relation", "has_relation")
+    diagnostic_terms = ("acc",)
     eval_outputs = ("spatial_logits",)
     metric_names = ("spatial_acc", "spatial_f1", "chance/spatial_acc")
 
@@ -42,8 +47,12 @@ class SpatialTask(Task):
             raise ValueError(f"tasks.spatial.head must be one of {HEADS}, got {self.kind!r}")
         self.reads_query = self.query == "objects"
         hidden = int(cfg.hidden_dim)
+        self.locate = float(cfg.get("locate", 0.0)) if self.kind == "attention" else 0.0
         if self.kind == "attention":
-            self.head = heads.PatchAttentionHead(widths.fused, widths.vision, int(cfg.get("num_heads", 4)),
+            num_heads = int(cfg.get("num_heads", 4))
+            if self.locate and num_heads < 2:
+                raise ValueError(f"tasks.spatial.locate needs num_heads >= 2 (subject and reference), got {num_heads}")
+            self.head = heads.PatchAttentionHead(widths.fused, widths.vision, num_heads,
                                                  hidden or widths.vision, self.num_relations, rngs=rngs)
         else:
             self.head = heads.make_head(widths.fused, hidden, self.num_relations, rngs=rngs)
@@ -51,11 +60,18 @@ class SpatialTask(Task):
     def __call__(self, features, batch, *, train):
         query = features.query_fused if self.reads_query else features.fused
         if self.kind == "attention":
-            return {"spatial_logits": self.head(query, features.vision_hidden[:, 1:], features.patch_grid)}
+            logits, centres = self.head.attended(query, features.vision_hidden[:, 1:], features.patch_grid)
+            return {"spatial_logits": logits, "spatial_centres": centres[:, :2]}  # [B, 6], [B, 2, 2]
         return {"spatial_logits": self.head(query)}
 
     def loss(self, outputs, batch, valid):
-        return losses.spatial_loss(outputs["spatial_logits"], batch["relation"], batch["has_relation"] & valid)
+        has = batch["has_relation"] & valid
+        terms = losses.spatial_loss(outputs["spatial_logits"], batch["relation"], has)
+        if self.locate:
+            boxes = jnp.stack([batch["box"], batch["reference_box"]], axis=1)  # [B, 2, 4]
+            terms["locate"] = losses.locate_loss(outputs["spatial_centres"], boxes, has & batch["has_box"])
+            terms["loss"] = terms["loss"] + self.locate * terms["locate"]
+        return terms
 
     def metrics(self, collected):
         labels, has = collected["relation"], collected["has_relation"].astype(bool)
