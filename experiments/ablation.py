@@ -17,6 +17,9 @@ Runs (name: overrides of configs/tiny_synthetic.py):
     seed_heads_lm   the seed recipe's heads on lm fusion
     seed_recipe     seed heads + text first (the seed recipe's pooling and heads)
     default_box01   default heads with box loss weight 0.1 (the seed recipe's) instead of the demo's 1.0
+    caption_spatial default heads, the spatial head reading the caption (which names the relation)
+The default spatial task reads "the A and the B" and attends over the image; runs with the seed heads or `lm`
+fusion read the caption instead (CAPTION_SPATIAL).
 """
 
 import argparse
@@ -27,16 +30,20 @@ import sys
 import tempfile
 import time
 
+# The seed recipe's heads: its spatial head is a linear head on the caption's fused feature (the caption names
+# the relation); `lm` fusion runs read the caption too (the 'objects' query needs late fusion).
+CAPTION_SPATIAL = ["--config.tasks.spatial.query=caption", "--config.tasks.spatial.head=mlp"]
 SEED_HEADS = ["--config.model.embedding.fusion_features=concat", "--config.tasks.itm.hidden_dim=0",
-              "--config.tasks.spatial.hidden_dim=0", "--config.tasks.box.head=linear"]
+              "--config.tasks.spatial.hidden_dim=0", "--config.tasks.box.head=linear", *CAPTION_SPATIAL]
 
 RUNS = {
     "seed_heads": SEED_HEADS,
     "default": [],
     "text_first": ["--config.model.embedding.text_pool=first"],
     "text_mean": ["--config.model.embedding.text_pool=mean"],
-    "lm": ["--config.model.embedding.fusion=lm"],
+    "lm": ["--config.model.embedding.fusion=lm", *CAPTION_SPATIAL],
     "seed_heads_lm": SEED_HEADS + ["--config.model.embedding.fusion=lm"],
+    "caption_spatial": CAPTION_SPATIAL,
     "default_box01": ["--config.tasks.box.weight=0.1"],
     "seed_recipe": SEED_HEADS + ["--config.model.embedding.text_pool=first"],
 }

@@ -152,6 +152,10 @@ def test_refcoco_boxes_and_relations(tmp_path):
     # The reference is the largest other annotated object: the plate (12) for both refs.
     np.testing.assert_allclose(one["reference_boxes"], [_xyxy(ann[12]["bbox"], 100, 80)] * 3, atol=1e-6)
     assert [rel.RELATIONS[i] for i in one["relations"]] == ["left", "left", "inside"]
+    # The spatial task's 'objects' query: the sentence and the reference's category name.
+    assert [_text(c) for c in one["subjects"]] == [_text(c) for c in one["captions"]]
+    assert [_text(c) for c in one["references"]] == ["plate"] * 3
+    assert [_text(c) for c in two["references"]] == [""]
     assert one["has_relation"].all() and one["has_box"].all()
     for box, ref_box, label in zip(one["boxes"], one["reference_boxes"], one["relations"]):
         assert rel.relation_from_boxes(box, ref_box) == label  # recomputed from the stored boxes

@@ -19,6 +19,9 @@ Records: one per image and split, holding every sentence of every ref of that im
                   annotated object (any object of instances.json other than the referred one; the one with the
                   largest box area is the reference, ties broken by the lower annotation id); has_relation is
                   False and the label 0 otherwise. reference_boxes[k] holds the reference's box.
+    subjects[k]   the sentence again, references[k] the reference's category name ("" without a reference): the
+                  spatial task's 'objects' query is then "the <sentence> and the <category>", with the relation
+                  left for the image to tell
 Splits: "train", "validation" (refs split "val"), "test", "testA", "testB": those present in refs.json.
 
 Bad records (missing or corrupt image, box outside the image, ref pointing to an unknown annotation): the build
@@ -56,8 +59,9 @@ def _box_xywh_to_xyxy_normalised(bbox, width: int, height: int, what: str) -> li
 class RefCoco(datasets.ManualBuilder):
     """Referring expressions with the referred object's box and a derived spatial relation."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First version.",
+                     "1.1.0": "subjects and references (the sentence, the reference's category) per sentence."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
     # The configs differ only in name (the files in manual_dir decide the content), so that the three datasets
     # get separate data directories.
@@ -70,6 +74,8 @@ class RefCoco(datasets.ManualBuilder):
                 **datasets.record_features(None),
                 "file_name": tfds.features.Text(),
                 "ref_ids": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+                "subjects": tfds.features.Sequence(tfds.features.Text()),
+                "references": tfds.features.Sequence(tfds.features.Text()),
             }),
             homepage="https://github.com/lichengunc/refer",
             metadata=self._metadata(),
@@ -83,6 +89,7 @@ class RefCoco(datasets.ManualBuilder):
             raise ValueError(f"refcoco: the refs file must hold a JSON list of refs, got {type(refs).__name__}")
         root = epath.Path(dl_manager.manual_dir)
         images = {int(im["id"]): im for im in instances["images"]}
+        self._categories = {int(c["id"]): str(c["name"]) for c in instances.get("categories", [])}
         anns = {int(a["id"]): a for a in instances["annotations"]}
         anns_by_image = collections.defaultdict(list)
         for a in instances["annotations"]:
@@ -106,6 +113,13 @@ class RefCoco(datasets.ManualBuilder):
             yield image_id, example
         self._record_skips()
 
+    def _category(self, annotation: dict, what: str) -> str:
+        category = annotation.get("category_id")
+        if category is None or int(category) not in self._categories:
+            raise ValueError(f"{what}: annotation {annotation.get('id')} has category_id {category!r}, which is not "
+                             f"in instances.json's categories")
+        return self._categories[int(category)]
+
     def _example(self, image_id, refs, images, anns, anns_by_image, root) -> dict:
         what = f"refcoco record image_id={image_id}"
         if image_id not in images:
@@ -120,7 +134,7 @@ class RefCoco(datasets.ManualBuilder):
         boxes_by_ann = {int(a["id"]): _box_xywh_to_xyxy_normalised(a["bbox"], width, height,
                                                                    f"{what} annotation {a['id']}")
                         for a in anns_by_image[image_id]}
-        captions, boxes, ref_boxes, labels, has_rel, ref_ids = [], [], [], [], [], []
+        captions, boxes, ref_boxes, labels, has_rel, ref_ids, names = [], [], [], [], [], [], []
         for ref in sorted(refs, key=lambda r: int(r["ref_id"])):
             ann_id = int(ref["ann_id"])
             if ann_id not in boxes_by_ann:
@@ -129,6 +143,7 @@ class RefCoco(datasets.ManualBuilder):
             box = boxes_by_ann[ann_id]
             others = [(-(b[2] - b[0]) * (b[3] - b[1]), a, b) for a, b in boxes_by_ann.items() if a != ann_id]
             reference = min(others)[2] if others else None
+            reference_name = self._category(anns[min(others)[1]], what) if others else ""
             for sentence in ref["sentences"]:
                 text = sentence.get("sent") or sentence.get("raw")
                 if not text:
@@ -139,6 +154,7 @@ class RefCoco(datasets.ManualBuilder):
                 labels.append(rel.relation_from_boxes(box, reference) if reference else 0)
                 has_rel.append(reference is not None)
                 ref_ids.append(int(ref["ref_id"]))
+                names.append(reference_name)
         if not captions:
             raise ValueError(f"{what}: no sentences")
         k = len(captions)
@@ -153,4 +169,6 @@ class RefCoco(datasets.ManualBuilder):
             "has_box": np.ones(k, bool),
             "has_relation": np.asarray(has_rel, bool),
             "ref_ids": np.asarray(ref_ids, np.int64),
+            "subjects": captions,
+            "references": names,
         }
