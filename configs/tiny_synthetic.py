@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     # The relation from the image: the head reads "the red circle and the blue square" and attends over the patches.
     c.tasks.spatial = ml_collections.ConfigDict(dict(weight=1.0, num_relations=6, query="objects", head="attention",
-                                                     num_heads=4, hidden_dim=256, locate=1.0))
+                                                     num_heads=4, hidden_dim=256, locate=5.0))
 
     # Tile size, <IMG_CONTEXT> tokens per tile and the tokenizer come from the model (pipeline.ModelInputs).
     c.data = ml_collections.ConfigDict()

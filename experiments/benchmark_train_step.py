@@ -59,6 +59,12 @@ def synthetic_batch(config, model_config, batch_size: int, seed: int = 0) -> dic
         "prompt_ids": prompt, "prompt_mask": np.ones_like(prompt),
         "box": box.astype(np.float32), "has_box": np.ones(batch_size, bool),
         "relation": rng.integers(0, 6, batch_size).astype(np.int32), "has_relation": np.ones(batch_size, bool),
+        "reference_box": box[::-1].astype(np.float32),
+        "query_ids": text[::-1].copy(), "query_mask": np.ones_like(text),
+        # Every caption different, no scene knowledge (as for COCO): all other rows are true negatives.
+        "caption_key": np.arange(batch_size, dtype=np.int32),
+        "subject_key": np.full(batch_size, -1, np.int32), "reference_key": np.full(batch_size, -1, np.int32),
+        "scene_keys": np.zeros((batch_size, 0), np.int32), "scene_boxes": np.zeros((batch_size, 0, 4), np.float32),
     }
 
 

@@ -104,7 +104,7 @@ def test_frozen_backbone_step_costs_one_forward_and_holds_no_frozen_state():
     # Heads small next to the backbone (as at InternVL3-1B scale, where they are < 1 % of its size).
     cfg.model.embedding.adapter_dim = cfg.model.embedding.embed_dim = 16
     cfg.tasks.itm.hidden_dim = cfg.tasks.spatial.hidden_dim = 16
-    cfg.tasks.box.head = "linear"
+    cfg.tasks.box.head, cfg.tasks.spatial.head = "linear", "mlp"  # the attention heads' backward is no head's size
     cfg.optim.accum_steps = 2  # optax.MultiSteps; the step also logs per-group gradient norms
     cfg.batch_size = 8
     cfg.mesh = {"data": 1}
