@@ -59,6 +59,8 @@ def make_tasks(settings: dict, widths: tasks_lib.Widths | None = None, seed: int
     out = {}
     for name, changes in settings.items():
         cfg = sections[name]
+        if name == "spatial":  # the linear-head form on the fused feature; tests of the attention head set it
+            cfg.update(query="caption", head="mlp")
         cfg.update(changes)
         out[name] = tasks_lib.TASKS[name](cfg, widths, rngs=nnx.Rngs(seed))
     return out
