@@ -75,9 +75,10 @@ def test_hand_built_scenes_true_false_ambiguous():
                      ("red circle", rel.BELOW, "blue square"), ("blue square", rel.OUTSIDE, "red circle")]
     batch = scene_batch(scenes, own)
     captions = scene_batch(scenes + scenes, queries)
-    images = {"image_id": batch["image_id"], "caption_keys": batch["caption_key"][:, None],
-              "scene_keys": batch["scene_keys"], "scene_boxes": batch["scene_boxes"]}
-    truth = np.asarray(ct.truth_matrix(images, {k: v for k, v in captions.items() if not k.startswith("scene")}))
+    images = {"image_id": batch["image_id"], "scene_keys": batch["scene_keys"], "scene_boxes": batch["scene_boxes"]}
+    own_text = batch["caption_key"][:, None] == captions["caption_key"][None, :]  # each image has one caption here
+    truth = np.asarray(ct.truth_matrix(images, {k: v for k, v in captions.items() if not k.startswith("scene")},
+                                       own_text))
     T, F, A = ct.TRUE, ct.FALSE, ct.AMBIGUOUS
     # Columns: the four own captions (image ids 0..3), then "blue right of red", "red left of blue", "red below
     # blue", "blue around red" (image ids 4..7: no image of the batch).

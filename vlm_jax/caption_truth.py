@@ -88,21 +88,19 @@ def _object_box(scene_keys, scene_boxes, key):
     return jnp.any(match, axis=-1), box
 
 
-def truth_matrix(images: Mapping, captions: Mapping):
+def truth_matrix(images: Mapping, captions: Mapping, own_text=None):
     """int32[I, T]: truth of caption t for image i (TRUE / AMBIGUOUS / FALSE).
 
-    images: image_id int[I], caption_keys int[I, K] (the keys of the image's own captions, NO_KEY padding), and
-      optionally scene_keys int[I, N], scene_boxes float[I, N, 4].
+    images: image_id int[I], and optionally scene_keys int[I, N], scene_boxes float[I, N, 4].
     captions: image_id int[T], and optionally the `CAPTION_FIELDS`.
+    own_text: optional bool[I, T], caption t's text equals one of image i's captions (rule 2).
     Works on numpy or jax arrays (inside or outside jit).
     """
     truth = jnp.where(images["image_id"][:, None] == captions["image_id"][None, :], TRUE, FALSE)
-    if "caption_key" not in captions:
-        return truth.astype(jnp.int32)
-    own_text = jnp.any(images["caption_keys"][:, :, None] == captions["caption_key"][None, None, :], axis=1)
-    truth = jnp.where(own_text, TRUE, truth)
+    if own_text is not None:
+        truth = jnp.where(own_text, TRUE, truth)
     scene_keys = images.get("scene_keys")
-    if scene_keys is None or scene_keys.shape[-1] == 0:
+    if scene_keys is None or scene_keys.shape[-1] == 0 or "subject_key" not in captions:
         return truth.astype(jnp.int32)
     has_s, box_s = _object_box(scene_keys, images["scene_boxes"], captions["subject_key"])
     has_r, box_r = _object_box(scene_keys, images["scene_boxes"], captions["reference_key"])
@@ -116,33 +114,35 @@ def truth_matrix(images: Mapping, captions: Mapping):
 def batch_truth(batch: Mapping):
     """int32[B, B] truth of caption row j for image row i of a batch (one caption per row; rows with the same
     image_id show the same image)."""
-    images = {"image_id": batch["image_id"]}
-    if "caption_key" in batch:
-        # Row i's image has the captions of every row showing it: [B, B] keys, NO_KEY where another image.
-        same = batch["image_id"][:, None] == batch["image_id"][None, :]
-        images["caption_keys"] = jnp.where(same, batch["caption_key"][None, :], NO_KEY)
-        if "scene_keys" in batch:
-            images.update(scene_keys=batch["scene_keys"], scene_boxes=batch["scene_boxes"])
+    images = {k: batch[k] for k in ("image_id", *SCENE_FIELDS) if k in batch}
     captions = {k: batch[k] for k in ("image_id", *CAPTION_FIELDS) if k in batch}
-    return truth_matrix(images, captions)
+    own_text = None
+    if "caption_key" in batch:
+        # Image i has caption j's text when some row k shows image i and has that text: [B, B] @ [B, B], so no
+        # [B, B, B] intermediate at large global batches.
+        same_image = batch["image_id"][:, None] == batch["image_id"][None, :]
+        same_text = batch["caption_key"][:, None] == batch["caption_key"][None, :]
+        own_text = (same_image.astype(jnp.float32) @ same_text.astype(jnp.float32)) > 0
+    return truth_matrix(images, captions, own_text)
 
 
 def split_truth(collected: Mapping[str, np.ndarray], chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Truth over a split's collected rows (one row per caption): (int8[I, T] truth of caption t for distinct
     image i, int[I] the image ids in increasing order, int[T] each caption's image row)."""
     ids, first, text_to_image = np.unique(collected["image_id"], return_index=True, return_inverse=True)
+    text_to_image = text_to_image.reshape(-1)
     images = {"image_id": ids}
+    images.update({k: np.asarray(collected[k])[first] for k in SCENE_FIELDS if k in collected})
     captions = {k: np.asarray(collected[k]) for k in ("image_id", *CAPTION_FIELDS) if k in collected}
+    own_text = None
     if "caption_key" in collected:
-        per_image = np.bincount(text_to_image, minlength=len(ids))
-        keys = np.full((len(ids), per_image.max(initial=1)), NO_KEY, np.int64)
-        order = np.argsort(text_to_image, kind="stable")
-        slot = np.arange(len(order)) - np.repeat(np.cumsum(per_image) - per_image, per_image)
-        keys[text_to_image[order], slot] = np.asarray(collected["caption_key"])[order]
-        images["caption_keys"] = keys
-        if "scene_keys" in collected:
-            images.update(scene_keys=np.asarray(collected["scene_keys"])[first],
-                          scene_boxes=np.asarray(collected["scene_boxes"])[first])
-    blocks = [np.asarray(truth_matrix({k: v[start:start + chunk] for k, v in images.items()}, captions), np.int8)
+        # has_text[i, u]: image i has a caption with distinct text u; caption t's column is its text's.
+        _, text_index = np.unique(captions["caption_key"], return_inverse=True)
+        text_index = text_index.reshape(-1)
+        has_text = np.zeros((len(ids), text_index.max(initial=0) + 1), bool)
+        has_text[text_to_image, text_index] = True
+        own_text = has_text[:, text_index]  # [I, T]
+    blocks = [np.asarray(truth_matrix({k: v[start:start + chunk] for k, v in images.items()}, captions,
+                                      None if own_text is None else own_text[start:start + chunk]), np.int8)
               for start in range(0, len(ids), chunk)]
-    return np.concatenate(blocks), ids, text_to_image.reshape(-1)
+    return np.concatenate(blocks), ids, text_to_image

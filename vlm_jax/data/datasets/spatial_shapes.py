@@ -48,6 +48,7 @@ Chance levels (what a model that ignores the input scores; measured numbers are 
         as `ceiling/t2i_r1`, `ceiling/i2t_r1`) is, text->image / image->text: "default" validation 65.5 / 63.6 %,
         test 65.4 / 64.3 %; the demo's 64 px config (4000/500/500) validation 65.8 / 64.3 %, test 65.5 / 64.1 %.
         `t2i_r1_true` / `i2t_r1_true` count a hit on any image the caption is true of (ceiling 100 %).
+        `python experiments/retrieval_oracles.py` recomputes these, with two partial oracles.
     Matching (ITM): balanced accuracy and AUC are 0.5 for a constant score.
     Spatial accuracy (the same labels whether the head reads the caption or "the A and the B" and the image): a
         constant predictor scores the frequency of the label it predicts. Measured label shares on
