@@ -27,8 +27,10 @@ def get_config():
     c.model.backbone = "converted"  # config, weights and tokenizer from model.converted_dir
     c.model.converted_dir = ""  # required: the converted InternVL3-1B directory (python -m vlm_jax.convert)
     c.model.tokenizer = ""  # the converted directory's own tokenizer files
-    c.model.dtype = "bfloat16"  # backbone compute; adapters, heads, norms and losses stay float32
-    c.model.backbone_param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"  # towers' compute; adapters, heads, norm statistics, softmax and losses stay float32
+    c.model.frozen_param_dtype = "bfloat16"  # the frozen backbone; trained parameters are float32 master copies
+    c.model.attention = "auto"  # cuDNN flash attention on an NVIDIA GPU, 'map' on CPU
+    c.model.remat = "none"  # nothing of the frozen towers is differentiated: remat would save nothing
     c.model.embedding.adapter_dim = 256
     c.model.embedding.embed_dim = 256
     c.model.embedding.dropout = 0.1

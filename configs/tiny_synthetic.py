@@ -34,8 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
         vision=dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
         text=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
     ))
-    c.model.dtype = "float32"  # backbone compute
-    c.model.backbone_param_dtype = "float32"  # backbone storage
+    c.model.dtype = "float32"  # towers' compute (norm statistics, softmax, logits, heads and losses stay float32)
+    c.model.frozen_param_dtype = "float32"  # storage of the frozen group; trained parameters are float32 always
+    c.model.attention = "auto"  # auto | xla | cudnn | map | einsum (auto: map on CPU, cuDNN flash on NVIDIA bf16)
+    c.model.remat = "none"  # none | full | a jax.checkpoint_policies name, e.g. dots_with_no_batch_dims_saveable
     # Shared layers on the backbone's features (vlm_jax.multitask).
     c.model.embedding = ml_collections.ConfigDict(dict(
         adapter_dim=64,           # A: adapters Dv -> A and D -> A (seed recipe: 256)

@@ -301,6 +301,10 @@ def test_safe_fields_change_without_the_flag():
      r"no configured task produces 't2i_r2'.*did you mean \[.*'t2i_r1'"),
     ({"checkpoint.best_metric": "valdation/t2i_r1", "eval_splits": ("validation",)},
      r"its split 'valdation' is not evaluated"),
+    ({"model.dtype": "bf16"}, r"model\.dtype='bf16': expected one of \('float32', 'bfloat16', 'float16'\)"),
+    ({"model.attention": "flash"}, r"model\.attention='flash': expected one of \('auto', 'xla', 'cudnn'"),
+    ({"model.attention": "cudnn"}, r"model\.attention='cudnn' needs an NVIDIA GPU \(backend here: cpu\)"),
+    ({"model.remat": "dots"}, r"model\.remat='dots': expected one of \('none', 'full', 'dots_saveable'"),
 ])
 def test_invalid_configs_fail_before_any_work(tmp_path, data_dir, change, message):
     with pytest.raises(config_check.ConfigError, match=message):

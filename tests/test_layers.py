@@ -108,6 +108,18 @@ def test_attention_matches_numpy(implementation, masked):
     np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
+def test_auto_attention_picks_map_on_cpu_and_unknown_names_are_refused():
+    q = jnp.zeros((1, 4, 4, 8), jnp.bfloat16)
+    k = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    assert layers.choose_attention("auto", q, k, masked=True) == "map"
+    assert layers.choose_attention(None, q, k, masked=False) == "map"
+    assert layers.choose_attention("einsum", q, k, masked=False) == "einsum"
+    with pytest.raises(ValueError, match=r"attention implementation 'flash': expected one of \('auto'"):
+        layers.attention(q, k, k, None, implementation="flash")
+    with pytest.raises(ValueError, match=r"remat policy 'dots': expected one of"):
+        layers.check_remat("dots")
+
+
 def test_l2_normalize_unit_norm_and_zero_stays_zero():
     x = np.asarray([[3.0, 4.0], [0.0, 0.0]], np.float32)
     np.testing.assert_allclose(np.asarray(pooling.l2_normalize(jnp.asarray(x, jnp.bfloat16))),

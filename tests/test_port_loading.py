@@ -146,7 +146,8 @@ def test_save_hf_round_trip(loaded, native, tmp_path, layout):
                                   np.asarray(again(pixel_values=px, input_ids=ids, attention_mask=mask).logits))
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("policy", ["full", "dots_with_no_batch_dims_saveable"])
+def test_remat_gives_the_same_gradients(policy):
     cfg = InternVLConfig.tiny(vocab_size=64, image_token_id=63)
     model = random_hf.random_model(cfg, seed=1)
     px = jnp.asarray(np.random.default_rng(0).standard_normal((1, 32, 32, 3)), jnp.float32)
@@ -156,7 +157,14 @@ def test_remat_gives_the_same_gradients():
 
     grad = nnx.jit(nnx.grad(loss))
     grads = nnx.state(grad(model), nnx.Param)
-    model.set_remat(True)
+
+    def program(m):  # the loss's jaxpr: remat wraps the layer body in a `remat2` (jax.checkpoint) primitive
+        graphdef, state = nnx.split(m)
+        return str(jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s)))(state))
+
+    assert "remat2[" not in program(model)
+    model.set_remat(policy)
+    assert "remat2[" in program(model) and (policy == "full" or policy in program(model))
     grads_remat = nnx.state(grad(model), nnx.Param)
     leaves = jax.tree.leaves(grads["vision_tower"])
     for a, b in zip(leaves, jax.tree.leaves(grads_remat["vision_tower"])):

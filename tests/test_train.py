@@ -10,11 +10,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from fixtures import subprocess_xla_flags
 from vlm_jax import config_files, sharding
 from vlm_jax.checkpoints import run as run_checkpoints
 from vlm_jax import build
+from vlm_jax import trainer as trainer_lib
 from vlm_jax.trainer import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +88,37 @@ def test_mesh_data4_fsdp2_matches_one_device(run_env):
     one, eight = json.loads(out.stdout.split("LOSSES", 1)[1])
     np.testing.assert_allclose(eight, one, rtol=2e-5)
     assert one[-1] < one[0]
+
+
+def test_bf16_compute_keeps_float32_master_weights_and_tracks_the_float32_run():
+    """Frozen LM stored in bf16, everything else trained: master copies and optimizer moments stay float32, and
+    the bf16-compute losses follow the float32 run's to bf16 rounding (but are not the same numbers)."""
+    def run(**model):
+        cfg = _tiny(8)
+        cfg.tasks = {"itc": cfg.tasks.itc.to_dict()}  # the backbone's precision is the subject, not the heads
+        cfg.checkpoint.best_metric = ""
+        cfg.optim.rules = (("backbone/language_model/.*", "frozen"), (".*", "all"))
+        cfg.model.update(model)
+        return _losses(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]), steps=3)
+
+    reference, _ = run()
+    losses, state = run(dtype="bfloat16", frozen_param_dtype="bfloat16", attention="einsum",
+                        remat="dots_with_no_batch_dims_saveable")
+    dtypes = lambda tree: {str(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}  # noqa: E731
+    assert dtypes(state.params) == {"float32"}
+    assert dtypes(state.frozen) == {"bfloat16"}
+    assert dtypes(state.opt_state) <= {"float32", "int32"}  # Adam moments and counts
+    assert "embed_tokens" in str(jax.tree_util.tree_structure(state.frozen))
+    np.testing.assert_allclose(losses, reference, rtol=1e-2)
+    assert np.abs(losses - reference).max() > 1e-6  # bf16 really computed
+
+
+def test_attention_and_remat_come_from_the_config():
+    cfg = _tiny()
+    cfg.model.attention, cfg.model.remat = "einsum", "dots_saveable"
+    model = nnx.eval_shape(lambda: trainer_lib._create(cfg, build.resolve_backbone(cfg.model).config))
+    for tower in (model.backbone.vision_tower, model.backbone.language_model):
+        assert (tower.attention_impl, tower.remat) == ("einsum", "dots_saveable")
 
 
 def test_unmatched_parameters_fail_fast_listing_them():

@@ -12,7 +12,10 @@
   converted_dir   a directory written by `python -m vlm_jax.convert`
   tokenizer       "demo" (the demo BPE), a directory with tokenizer files, or "" = the converted checkpoint's own
   tiny            overrides of InternVLConfig.tiny()
-  dtype, backbone_param_dtype   backbone compute and storage dtypes (shared layers and heads stay float32)
+  dtype           the towers' compute dtype (norm statistics, softmax, logits, shared layers, heads: float32)
+  frozen_param_dtype   storage dtype of the optimizer group 'frozen' (`store_params`); trained parameters are
+                  float32 master copies whatever the compute dtype
+  attention, remat   both towers' attention implementation and rematerialisation policy (`vlm_jax.models.layers`)
   embedding       the shared adapters / projectors / fusion (`vlm_jax.multitask`)
 """
 
@@ -20,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlm_jax import optim
 from vlm_jax import tokenizer as tokenizer_lib
 from vlm_jax.checkpoints import converted
 from vlm_jax.models.config import InternVLConfig
@@ -59,8 +64,26 @@ def resolve_backbone(model_cfg) -> Backbone:
     return Backbone(cfg, tok)
 
 
-def build_model(backbone_config: InternVLConfig, model_cfg, task_cfgs, rngs: nnx.Rngs) -> MultitaskModel:
-    """Backbone + shared embedding layers + the tasks named in `config.tasks`, randomly initialised."""
-    backbone = InternVL(backbone_config, dtype=jnp.dtype(model_cfg.dtype),
-                        param_dtype=jnp.dtype(model_cfg.backbone_param_dtype), rngs=rngs)
-    return MultitaskModel(backbone, model_cfg.embedding, task_cfgs, rngs=rngs)
+def build_model(backbone_config: InternVLConfig, model_cfg, task_cfgs, groups: optim.ParamGroups,
+                rngs: nnx.Rngs) -> MultitaskModel:
+    """Backbone + shared embedding layers + the tasks named in `config.tasks`, randomly initialised, parameters
+    stored per `store_params`, the towers' attention and remat set from `config.model`."""
+    backbone = InternVL(backbone_config, dtype=jnp.dtype(model_cfg.dtype), param_dtype=jnp.float32, rngs=rngs)
+    backbone.set_attention_implementation(model_cfg.attention)
+    backbone.set_remat(model_cfg.remat)
+    model = MultitaskModel(backbone, model_cfg.embedding, task_cfgs, rngs=rngs)
+    store_params(model, groups, jnp.dtype(model_cfg.frozen_param_dtype))
+    return model
+
+
+def store_params(model: nnx.Module, groups: optim.ParamGroups, frozen_dtype) -> None:
+    """Parameters of the group 'frozen' stored in `frozen_dtype` (e.g. bf16: half the memory, nothing is lost as
+    they never change), every trained parameter in float32: the optimizer updates master copies, and the towers
+    cast them to the compute dtype where they are used."""
+    params = nnx.state(model, nnx.Param)
+
+    def store(path, x):
+        dtype = frozen_dtype if groups.label(optim.path_to_str(path)) == optim.FROZEN else jnp.float32
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(store, params))

@@ -38,6 +38,27 @@ def _metric_problem(config, task_classes: dict) -> str | None:
             f"{sorted(task_classes)} produce {produced}, and loss/<term>)" + (f"; did you mean {near}?" if near else ""))
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _model_problems(model_cfg) -> list[str]:
+    """Precision, attention and remat settings of ``config.model``."""
+    import jax
+
+    from vlm_jax.models import layers
+
+    problems = [f"model.{field}={model_cfg[field]!r}: expected one of {DTYPES}"
+                for field in ("dtype", "frozen_param_dtype") if model_cfg[field] not in DTYPES]
+    if model_cfg.attention not in layers.ATTENTION_IMPLEMENTATIONS:
+        problems.append(f"model.attention={model_cfg.attention!r}: expected one of {layers.ATTENTION_IMPLEMENTATIONS}")
+    elif model_cfg.attention == "cudnn" and jax.default_backend() not in ("gpu", "cuda"):
+        problems.append(f"model.attention='cudnn' needs an NVIDIA GPU (backend here: {jax.default_backend()}); "
+                        "'auto' picks it where it applies")
+    if model_cfg.remat not in layers.REMAT_POLICIES:
+        problems.append(f"model.remat={model_cfg.remat!r}: expected one of {layers.REMAT_POLICIES}")
+    return problems
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises `ConfigError` listing every problem of ``config`` found without data or compilation.
     ``num_devices`` (default: all devices) sizes the mesh for the batch-size check."""
@@ -63,6 +84,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     unknown = sorted(set(config.tasks.keys()) - set(tasks.TASKS))
     need(not unknown, f"tasks {unknown} are unknown; known tasks: {sorted(tasks.TASKS)}")
     need(bool(config.tasks), "config.tasks names no task")
+    problems.extend(_model_problems(config.model))
     if ckpt.best_metric and not unknown:
         problem = _metric_problem(config, {k: tasks.TASKS[k] for k in config.tasks.keys()})
         need(problem is None, problem or "")

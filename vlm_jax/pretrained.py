@@ -1,6 +1,6 @@
 """`vlm_jax.load_pretrained`: a converted or Hugging Face InternVL checkpoint behind a compiled forward.
 
-    model = vlm_jax.load_pretrained(path, image_token_id=None, dtype="float32")
+    model = vlm_jax.load_pretrained(path, image_token_id=None, dtype="float32", attention="auto")
     out = model(pixel_values=px, input_ids=ids, attention_mask=mask)   # px float[N, H, W, 3] NHWC normalised
     out.logits                                                           # float[B, T, V]
 
@@ -99,11 +99,15 @@ def load_module(path: str, *, image_token_id: int | None = None, dtype="float32"
     return hf.load_hf(path, image_token_id=image_token_id, dtype=dtype)
 
 
-def load_pretrained(path, image_token_id: int | None = None, dtype="float32") -> PretrainedInternVL:
+def load_pretrained(path, image_token_id: int | None = None, dtype="float32",
+                    attention: str = "auto") -> PretrainedInternVL:
     """Load a converted (`python -m vlm_jax.convert`) or Hugging Face InternVL checkpoint.
 
     image_token_id: overrides the config's (transformers layout) / the tokenizer's `<IMG_CONTEXT>` id.
     dtype: parameter and compute dtype ("float32" or "bfloat16"); bf16 checkpoints are cast on load.
+    attention: both towers' implementation (`vlm_jax.models.layers.ATTENTION_IMPLEMENTATIONS`; 'auto': 'map' on
+    CPU, cuDNN flash attention on NVIDIA GPUs in bf16 where it compiles, else 'xla').
     """
     module, config = load_module(path, image_token_id=image_token_id, dtype=dtype)
+    module.set_attention_implementation(attention)
     return PretrainedInternVL(module, config)

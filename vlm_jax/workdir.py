@@ -25,7 +25,8 @@ LOCK_FILE = "run.lock"
 SAFE_TO_CHANGE = (
     "num_train_steps", "num_epochs", "log_every", "eval_every", "eval_splits", "eval_batch_size",
     "max_consecutive_nonfinite", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.best_metric",
-    "checkpoint.best_mode", "checkpoint.async_save", "data.data_dir", "data.manual_dir",
+    "checkpoint.best_mode", "checkpoint.async_save", "data.data_dir", "data.manual_dir", "model.attention",
+    "model.remat",
 )
 
 

@@ -123,8 +123,8 @@ class InternViT(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.attention_impl: str | None = None  # None: chosen by backend (see layers.attention).
-        self.remat = False  # True: recompute each layer's activations in the backward pass (saves memory).
+        self.attention_impl = "auto"  # see layers.attention / InternVL.set_attention_implementation
+        self.remat = "none"  # layers.REMAT_POLICIES; see InternVL.set_remat
         self.embeddings = VisionEmbeddings(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = layers.stacked(lambda r: VisionLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
                                      cfg.num_layers, rngs)

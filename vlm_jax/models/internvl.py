@@ -65,17 +65,20 @@ class InternVL(nnx.Module):
             self.lm_head = None
         else:
             self.lm_head = layers.Linear(config.text.hidden_size, config.text.vocab_size, ("embed", "vocab"),
-                                         use_bias=False, **kw)
+                                         use_bias=False, preferred_element_type=jnp.float32, **kw)
 
-    def set_attention_implementation(self, implementation: str | None) -> None:
-        """'map' | 'einsum' | 'xla' | 'cudnn' | None (backend default) for both towers."""
+    def set_attention_implementation(self, implementation: str) -> None:
+        """`layers.ATTENTION_IMPLEMENTATIONS` ('auto' | 'xla' | 'cudnn' | 'map' | 'einsum') for both towers."""
+        layers.check_attention(implementation)
         self.vision_tower.attention_impl = implementation
         self.language_model.attention_impl = implementation
 
-    def set_remat(self, enabled: bool) -> None:
-        """Rematerialise layer activations in both towers' backward passes (less memory, ~1/3 more compute)."""
-        self.vision_tower.remat = enabled
-        self.language_model.remat = enabled
+    def set_remat(self, policy: str) -> None:
+        """Rematerialisation of both towers' layers in the backward pass (`layers.REMAT_POLICIES`: 'none', 'full'
+        or a named `jax.checkpoint_policies` policy): less activation memory for more compute."""
+        layers.check_remat(policy)
+        self.vision_tower.remat = policy
+        self.language_model.remat = policy
 
     def vision_hidden_states(self, pixel_values: jax.Array) -> jax.Array:
         """float[N, H, W, 3] -> last ViT layer output float[N, 1 + P, Dv], CLS at index 0."""
@@ -113,11 +116,12 @@ class InternVL(nnx.Module):
         return jnp.where(is_img[..., None], gathered, embeds)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """float[B, T, D] -> float[B, T, V] via lm_head or the tied embedding."""
+        """float[B, T, D] -> float32[B, T, V] via lm_head or the tied embedding (products accumulated and returned
+        in float32 whatever the compute dtype: losses and sampling read them)."""
         if self.lm_head is not None:
             return self.lm_head(hidden)
         emb = self.language_model.embed_tokens[...].astype(hidden.dtype)
-        return jnp.dot(hidden, emb.T)
+        return jnp.dot(hidden, emb.T, preferred_element_type=jnp.float32)
 
     def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,
                  attention_mask: jax.Array | None = None) -> InternVLOutput:

@@ -10,6 +10,7 @@ Parameters are stored in `param_dtype` and cast to the compute `dtype` where the
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import einops
@@ -38,13 +39,15 @@ class Linear(nnx.Linear):
     """`nnx.Linear` with logical axis names: y = x @ kernel + bias, computed in `dtype`.
 
     kernel float[in, out] (the torch Linear weight transposed) named `names`, bias float[out] named `names[-1]`.
+    preferred_element_type: the product's output dtype (float32 for logits computed from bf16 inputs).
     """
 
     def __init__(self, in_features: int, out_features: int, names: Names, *, use_bias: bool = True,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, param_dtype=jnp.float32, preferred_element_type=None, rngs: nnx.Rngs):
         names = tuple(names)
         super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs, kernel_metadata=axes(names), bias_metadata=axes(names[-1:]))
+                         preferred_element_type=preferred_element_type, rngs=rngs, kernel_metadata=axes(names),
+                         bias_metadata=axes(names[-1:]))
 
 
 class LayerNorm(nnx.Module):
@@ -96,16 +99,30 @@ def stacked(make, num_layers: int, rngs: nnx.Rngs):
     return build(rngs)
 
 
-def scan_layers(body, carry, stack: nnx.Module, *xs, remat: bool = False):
+# config.model.remat: 'none', 'full' (keep nothing, recompute every layer) or a `jax.checkpoint_policies` policy
+# that takes no arguments (what it names is kept, the rest recomputed).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+                  "checkpoint_dots_with_no_batch_dims", "nothing_saveable", "everything_saveable")
+
+
+def check_remat(remat: str) -> str:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {remat!r}: expected one of {REMAT_POLICIES}")
+    return remat
+
+
+def scan_layers(body, carry, stack: nnx.Module, *xs, remat: str = "none"):
     """Runs the layers of a `stacked` module in order with `nnx.scan`.
 
     body(carry, layer, *x) -> (carry, y), called with each layer and its slices of `xs` (leading axis L).
-    Returns (final carry, the y's stacked on L). remat: recompute each layer's activations in the backward pass
-    (less memory). As every NNX transform, it needs the module's Variables from the current trace: inside a
-    `jax.lax` loop or `jax.vmap`, merge the model in the body (`nnx.merge(..., copy=True)`), not outside it.
+    Returns (final carry, the y's stacked on L). remat (`REMAT_POLICIES`): which of each layer's activations the
+    backward pass recomputes instead of keeping ('none' keeps all; less memory for more compute otherwise). As
+    every NNX transform, it needs the module's Variables from the current trace: inside a `jax.lax` loop or
+    `jax.vmap`, merge the model in the body (`nnx.merge(..., copy=True)`), not outside it.
     """
-    if remat:
-        body = nnx.remat(body)
+    if check_remat(remat) != "none":
+        policy = None if remat == "full" else getattr(jax.checkpoint_policies, remat)
+        body = nnx.remat(body, policy=policy)
     scan = nnx.scan(body, in_axes=(nnx.Carry, 0) + (0,) * len(xs), out_axes=(nnx.Carry, 0),
                     transform_metadata={nnx.PARTITION_NAME: "layers"})
     return scan(carry, stack, *xs)
@@ -116,6 +133,51 @@ def gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+# config.model.attention. 'auto' picks per call (`choose_attention`).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "map", "einsum")
+
+
+def check_attention(implementation: str) -> str:
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    return implementation
+
+
+@functools.cache
+def cudnn_attention_compiles(q_shape: tuple, kv_shape: tuple, dtype: str, masked: bool) -> bool:
+    """Whether cuDNN flash attention compiles for these shapes, forward and backward (it supports a subset of
+    head dims, dtypes and masked sequence lengths, and raises otherwise). Compiled once per shape, on the host."""
+    q = jax.ShapeDtypeStruct(q_shape, dtype)
+    kv = jax.ShapeDtypeStruct(kv_shape, dtype)
+    mask = jax.ShapeDtypeStruct((q_shape[0], 1, q_shape[1], kv_shape[1]), bool) if masked else None
+
+    def loss(q, k, v, m):
+        out = jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
+        return jnp.sum(out.astype(jnp.float32))
+
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, mask).compile()
+    except Exception:  # noqa: BLE001 - NotImplementedError, ValueError, XlaRuntimeError: all mean "not here"
+        return False
+    return True
+
+
+def choose_attention(implementation: str | None, q: jax.Array, k: jax.Array, masked: bool) -> str:
+    """The implementation `attention` runs: `implementation` itself unless it is 'auto' (or None). 'auto' picks the
+    fastest that applies: 'map' on CPU; on GPUs cuDNN flash attention for bf16/fp16 when it compiles for these
+    shapes (`cudnn_attention_compiles`), else 'xla'; 'xla' elsewhere (TPU)."""
+    implementation = check_attention(implementation or "auto")
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "map"
+    if backend in ("gpu", "cuda", "rocm") and q.dtype in (jnp.bfloat16, jnp.float16):
+        if cudnn_attention_compiles(tuple(q.shape), tuple(k.shape), str(q.dtype), masked):
+            return "cudnn"
+    return "xla"
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
               implementation: str | None = None) -> jax.Array:
     """Scaled dot-product attention with grouped kv heads; softmax in float32.
@@ -123,10 +185,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     q float[B, T, N, H], k/v float[B, S, K, H], mask bool[B, T, S] (True = attend) or None -> float[B, T, N, H].
     Query head n uses kv head n // G (heads grouped as N = (K G)).
     implementation: 'map' (2-D GEMMs mapped over (batch, kv head) with lax.map; fastest on CPU), 'einsum'
-    (batched einsum), 'xla'/'cudnn' (jax.nn.dot_product_attention). None picks 'map' on CPU, 'xla' elsewhere.
+    (batched einsum), 'xla' / 'cudnn' (jax.nn.dot_product_attention; cuDNN's flash attention needs an NVIDIA GPU
+    and bf16/fp16), 'auto' or None: see `choose_attention`.
     """
-    if implementation is None:
-        implementation = "map" if jax.default_backend() == "cpu" else "xla"
+    implementation = choose_attention(implementation, q, k, mask is not None)
     kh = k.shape[2]
     g = q.shape[2] // kh
     scale = q.shape[-1] ** -0.5

@@ -100,8 +100,8 @@ class Qwen2(nnx.Module):
 
     def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, dtype
-        self.attention_impl: str | None = None
-        self.remat = False  # True: recompute each layer's activations in the backward pass (saves memory).
+        self.attention_impl = "auto"  # see layers.attention / InternVL.set_attention_implementation
+        self.remat = "none"  # layers.REMAT_POLICIES; see InternVL.set_remat
         self.embed_tokens = layers.param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
                                          param_dtype, ("vocab", "embed"))
         self.layers = layers.stacked(lambda r: Qwen2Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),

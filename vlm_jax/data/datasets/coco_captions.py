@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from vlm_jax.data import datasets
+from vlm_jax.data.datasets import builder
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "validation": ("val",), "test": ("test",)}
 
@@ -45,7 +45,7 @@ class CocoCaptionsConfig(tfds.core.BuilderConfig):
             raise ValueError(f"coco_captions: captions_per_image must be >= 1, got {self.captions_per_image}")
 
 
-class CocoCaptions(datasets.ManualBuilder):
+class CocoCaptions(builder.ManualBuilder):
     """COCO captions, Karpathy splits, 5 captions per image."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -57,7 +57,7 @@ class CocoCaptions(datasets.ManualBuilder):
         k = self.builder_config.captions_per_image
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
-                **datasets.record_features(k),
+                **builder.record_features(k),
                 "file_name": tfds.features.Text(),
             }),
             homepage="https://cocodataset.org/",
@@ -91,7 +91,7 @@ class CocoCaptions(datasets.ManualBuilder):
             try:
                 if len(captions) < k:
                     raise ValueError(f"{what}: expected at least {k} captions, found {len(captions)}")
-                image = datasets.read_image(path, what)
+                image = builder.read_image(path, what)
             except ValueError as e:
                 self._bad.handle(split, e)
                 continue

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from vlm_jax.data import datasets
+from vlm_jax.data.datasets import builder
 from vlm_jax.data.datasets import relations as rel
 
 REF_FILES = ("refs.json", "refs(unc).json", "refs(umd).json", "refs(google).json")
@@ -56,7 +56,7 @@ def _box_xywh_to_xyxy_normalised(bbox, width: int, height: int, what: str) -> li
     return [max(0.0, x / width), max(0.0, y / height), min(1.0, (x + w) / width), min(1.0, (y + h) / height)]
 
 
-class RefCoco(datasets.ManualBuilder):
+class RefCoco(builder.ManualBuilder):
     """Referring expressions with the referred object's box and a derived spatial relation."""
 
     VERSION = tfds.core.Version("1.1.0")
@@ -71,7 +71,7 @@ class RefCoco(datasets.ManualBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
-                **datasets.record_features(None),
+                **builder.record_features(None),
                 "file_name": tfds.features.Text(),
                 "ref_ids": tfds.features.Tensor(shape=(None,), dtype=np.int64),
                 "subjects": tfds.features.Sequence(tfds.features.Text()),
@@ -130,7 +130,7 @@ class RefCoco(datasets.ManualBuilder):
         path = next((root / d / file_name for d in IMAGE_DIRS if (root / d / file_name).exists()),
                     root / IMAGE_DIRS[0] / file_name)
         width, height = int(meta["width"]), int(meta["height"])
-        image = datasets.read_image(path, what)
+        image = builder.read_image(path, what)
         boxes_by_ann = {int(a["id"]): _box_xywh_to_xyxy_normalised(a["bbox"], width, height,
                                                                    f"{what} annotation {a['id']}")
                         for a in anns_by_image[image_id]}

@@ -70,7 +70,7 @@ import PIL.Image
 import PIL.ImageDraw
 import tensorflow_datasets as tfds
 
-from vlm_jax.data import datasets
+from vlm_jax.data.datasets import builder
 from vlm_jax.data.datasets import relations as rel
 
 COLOURS = {
@@ -316,7 +316,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class SpatialShapes(datasets.LocalBuilder):
+class SpatialShapes(builder.LocalBuilder):
     """Procedural coloured shapes with captions, subject boxes and spatial relations."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -331,7 +331,7 @@ class SpatialShapes(datasets.LocalBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
         k = c.pairs_per_image
-        feats = datasets.record_features(k, (c.image_size, c.image_size, 3), "png")
+        feats = builder.record_features(k, (c.image_size, c.image_size, 3), "png")
         feats.update({
             "subjects": tfds.features.Sequence(tfds.features.Text(), length=k),
             "references": tfds.features.Sequence(tfds.features.Text(), length=k),
