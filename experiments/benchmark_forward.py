@@ -4,11 +4,14 @@ InternVL3-1B widths (vision 1024/4096/16 heads at 448 px, LM 896/4864/14:2 heads
 --layers. Batch B rows, each one 448x448 tile (256 image tokens) plus --text_tokens text tokens.
 
     python experiments/benchmark_forward.py --layers 4 --dtypes float32,bfloat16
-    python experiments/benchmark_forward.py --layers 24 --dtypes float32 --repeats 2
+    python experiments/benchmark_forward.py --layers 24 --dtypes float32 --repeats 3 [--parts model,vision]
 
-Prints one JSON line per dtype: seconds per forward (torch, jax), jax/torch speed ratio (>1: JAX faster),
-achieved GFLOP/s of each (analytic FLOPs: 2 per multiply-add, linears + attention matmuls), JAX compile time,
-and the max relative logit difference between the two.
+Prints a first line about the machine: the CPU, and the GFLOP/s of one float32 GEMM of the vision MLP's shape
+([2050, 1024] x [1024, 4096]) in XLA and in PyTorch, which bounds what either framework reaches here. Then one JSON
+line per dtype and part ('model': the whole forward; 'vision': the vision tower alone): seconds per forward (torch,
+jax; the median of --repeats interleaved runs, and their range), jax/torch speed ratio of the medians (>1: JAX
+faster), achieved GFLOP/s of each (analytic FLOPs: 2 per multiply-add, linears + attention matmuls), JAX compile
+time, and the max relative difference between the two outputs.
 """
 
 from __future__ import annotations
@@ -54,6 +57,56 @@ def forward_flops(cfg, batch: int, text_tokens: int) -> float:
     return batch * (vision + proj + lm)
 
 
+def vision_flops(cfg, batch: int) -> float:
+    """Analytic FLOPs of the vision tower alone (patch embedding, layers)."""
+    v = cfg.vision
+    p = (v.image_size // v.patch_size) ** 2
+    tv, d, f = p + 1, v.hidden_size, v.intermediate_size
+    return batch * (2 * p * v.patch_size ** 2 * 3 * d + v.num_layers * (2 * tv * (4 * d * d + 2 * d * f)
+                                                                         + 4 * tv * tv * d))
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or "unknown"
+
+
+def gemm_gflops() -> dict:
+    """float32 GEMM [2050, 1024] x [1024, 4096] (a vision MLP at batch 2) in XLA and in PyTorch: median GFLOP/s."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2050, 1024), np.float32), rng.random((1024, 4096), np.float32)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    dot = jax.jit(jnp.dot)
+    flops = 2 * 2050 * 1024 * 4096
+    jax_s, torch_s = interleaved(lambda: dot(ja, jb).block_until_ready(), lambda: torch.mm(ta, tb), 20)
+    return dict(gemm_xla_gflops=round(flops / jax_s["median"] / 1e9, 1),
+                gemm_torch_gflops=round(flops / torch_s["median"] / 1e9, 1))
+
+
+def interleaved(run_jax, run_torch, repeats: int) -> tuple[dict, dict]:
+    """Timings of both after a warm-up, alternating (the machine's load hits both alike): median and range."""
+    run_jax(), run_torch()
+    tj, tt = [], []
+    for _ in range(repeats):
+        s = time.perf_counter()
+        run_torch()
+        tt.append(time.perf_counter() - s)
+        s = time.perf_counter()
+        run_jax()
+        tj.append(time.perf_counter() - s)
+    stats = lambda t: dict(median=float(np.median(t)), range=[round(min(t), 3), round(max(t), 3)])  # noqa: E731
+    return stats(tj), stats(tt)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4, help="depth of both towers (InternVL3-1B: 24)")
@@ -61,6 +114,7 @@ def main():
     parser.add_argument("--text_tokens", type=int, default=32)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", default="model", help="model (whole forward) and/or vision (the tower alone)")
     parser.add_argument("--attention", default=None, help="vlm_jax attention: map|einsum|xla|cudnn (default: "
                         "by backend)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -80,6 +134,8 @@ def main():
     from vlm_jax.models.config import InternVLConfig
 
     torch.set_num_threads(args.threads)
+    print(json.dumps(dict(cpu=cpu_name(), cores=os.cpu_count(), threads=args.threads, **gemm_gflops())),
+          flush=True)
     vocab = 151674
     hf_cfg = internvl3_1b_hf_config(args.layers, vocab)
     torch.manual_seed(0)
@@ -110,43 +166,38 @@ def main():
             module.set_attention_implementation(args.attention)
         j_px = jnp.asarray(px, jdtype)
         j_ids, j_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
-
         graphdef, state = nnx.split(module)
+        parts = {
+            "model": (lambda state, px, ids, mask: nnx.merge(graphdef, state)(px, ids, mask).logits,
+                      lambda: ref(pixel_values=t_px, input_ids=t_ids, attention_mask=t_mask).logits, flops),
+            "vision": (lambda state, px, ids, mask: nnx.merge(graphdef, state).vision_tower(px),
+                       lambda: ref.model.vision_tower(pixel_values=t_px).last_hidden_state, vision_flops(cfg, b)),
+        }
+        for part in args.parts.split(","):
+            jax_fn, torch_fn, part_flops = parts[part]
+            t0 = time.perf_counter()
+            compiled = jax.jit(jax_fn).lower(state, j_px, j_ids, j_mask).compile()
+            compile_s = time.perf_counter() - t0
 
-        @jax.jit
-        def fwd(state, px, ids, mask):
-            return nnx.merge(graphdef, state)(px, ids, mask).logits
+            def run_jax():
+                return compiled(state, j_px, j_ids, j_mask).block_until_ready()
 
-        t0 = time.perf_counter()
-        compiled = fwd.lower(state, j_px, j_ids, j_mask).compile()
-        compile_s = time.perf_counter() - t0
+            def run_torch():
+                with torch.no_grad():
+                    return torch_fn()
 
-        def run_jax():
-            return compiled(state, j_px, j_ids, j_mask).block_until_ready()
-
-        def run_torch():
-            with torch.no_grad():
-                return ref(pixel_values=t_px, input_ids=t_ids, attention_mask=t_mask).logits
-
-        out_j = np.asarray(run_jax(), np.float32)  # warm-up
-        out_t = run_torch().float().numpy()
-        tj, tt = [], []
-        for _ in range(args.repeats):  # interleaved, min over repeats: the machine is shared
-            s = time.perf_counter()
-            run_torch()
-            tt.append(time.perf_counter() - s)
-            s = time.perf_counter()
-            run_jax()
-            tj.append(time.perf_counter() - s)
-        jax_s, torch_s = min(tj), min(tt)
-        print(json.dumps(dict(
-            dtype=dtype, layers=args.layers, batch=b, tokens=int(ids.shape[1]), backend=jax.default_backend(),
-            attention=args.attention or "default", threads=args.threads,
-            torch_s=round(torch_s, 3), jax_s=round(jax_s, 3),
-            jax_speed_vs_torch=round(torch_s / jax_s, 3), torch_gflops=round(flops / torch_s / 1e9, 1),
-            jax_gflops=round(flops / jax_s / 1e9, 1), jax_compile_s=round(compile_s, 2),
-            max_rel_logit_diff=float(np.abs(out_j - out_t).max() / np.abs(out_t).max()),
-            gflop_per_forward=round(flops / 1e9, 1))), flush=True)
+            out_j = np.asarray(run_jax(), np.float32)
+            out_t = run_torch().float().numpy()
+            jax_s, torch_s = interleaved(run_jax, run_torch, args.repeats)
+            print(json.dumps(dict(
+                part=part, dtype=dtype, layers=args.layers, batch=b, tokens=int(ids.shape[1]),
+                backend=jax.default_backend(), attention=args.attention or "default", threads=args.threads,
+                torch_s=round(torch_s["median"], 3), jax_s=round(jax_s["median"], 3), torch_range_s=torch_s["range"],
+                jax_range_s=jax_s["range"], jax_speed_vs_torch=round(torch_s["median"] / jax_s["median"], 3),
+                torch_gflops=round(part_flops / torch_s["median"] / 1e9, 1),
+                jax_gflops=round(part_flops / jax_s["median"] / 1e9, 1), jax_compile_s=round(compile_s, 2),
+                max_rel_diff=float(np.abs(out_j - out_t).max() / np.abs(out_t).max()),
+                gflop_per_forward=round(part_flops / 1e9, 1))), flush=True)
         del module, state, compiled
     return 0
 
