@@ -164,7 +164,7 @@ def test_remat_gives_the_same_gradients(policy):
 
     assert "remat2[" not in program(model)
     model.set_remat(policy)
-    assert "remat2[" in program(model) and (policy == "full" or policy in program(model))
+    assert "remat2[" in program(model)
     grads_remat = nnx.state(grad(model), nnx.Param)
     leaves = jax.tree.leaves(grads["vision_tower"])
     for a, b in zip(leaves, jax.tree.leaves(grads_remat["vision_tower"])):
