@@ -38,6 +38,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.frozen_param_dtype = "float32"  # storage of the frozen group; trained parameters are float32 always
     c.model.attention = "auto"  # auto | xla | cudnn | map | einsum (auto: map on CPU, cuDNN flash on NVIDIA bf16)
     c.model.remat = "none"  # none | full | a jax.checkpoint_policies name, e.g. dots_with_no_batch_dims_saveable
+    # LoRA on backbone linears (vlm_jax.lora): rank 0 = off. Its factors need a trained group in optim.rules.
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0,
+        alpha=16.0,
+        targets=(),  # regexes over linear paths, e.g. "backbone/language_model/layers/self_attn/(q|v)_proj"
+        vision_layers=(),  # (start, stop) of the vision tower's layers; () = all
+        text_layers=(),  # (start, stop) of the language model's layers; () = all
+    ))
     # Shared layers on the backbone's features (vlm_jax.multitask).
     c.model.embedding = ml_collections.ConfigDict(dict(
         adapter_dim=64,           # A: adapters Dv -> A and D -> A (seed recipe: 256)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm_jax import optim
+from vlm_jax import lora, optim
 from vlm_jax import tokenizer as tokenizer_lib
 from vlm_jax.checkpoints import converted
 from vlm_jax.models.config import InternVLConfig
@@ -65,13 +65,21 @@ def resolve_backbone(model_cfg) -> Backbone:
 
 
 def build_model(backbone_config: InternVLConfig, model_cfg, task_cfgs, groups: optim.ParamGroups,
-                rngs: nnx.Rngs) -> MultitaskModel:
-    """Backbone + shared embedding layers + the tasks named in `config.tasks`, randomly initialised, parameters
-    stored per `store_params`, the towers' attention and remat set from `config.model`."""
+                rngs: nnx.Rngs, lora_cfg=None) -> MultitaskModel:
+    """Backbone + shared embedding layers + the tasks named in `config.tasks`, randomly initialised, LoRA factors
+    where `config.lora` asks for them, parameters stored per `store_params`, the towers' attention and remat set
+    from `config.model`."""
     backbone = InternVL(backbone_config, dtype=jnp.dtype(model_cfg.dtype), param_dtype=jnp.float32, rngs=rngs)
     backbone.set_attention_implementation(model_cfg.attention)
     backbone.set_remat(model_cfg.remat)
     model = MultitaskModel(backbone, model_cfg.embedding, task_cfgs, rngs=rngs)
+    if lora_cfg is not None:
+        adapted = lora.attach(model, lora_cfg, rngs)
+        frozen = [p for p in adapted if groups.label(f"{p}/lora_a") == optim.FROZEN]
+        if frozen:
+            raise ValueError(f"config.optim.rules put the LoRA factors of {frozen[:3]}{' ...' if len(frozen) > 3 else ''}"
+                             " in the group 'frozen': add a rule such as ('.*/lora_(a|b)', 'lora') before the "
+                             "backbone's, with its group in config.optim.groups")
     store_params(model, groups, jnp.dtype(model_cfg.frozen_param_dtype))
     return model
 

@@ -66,7 +66,8 @@ def _fresh_rngs(abstract_rngs: nnx.State, key: jax.Array) -> nnx.State:
 def _create(config, backbone_config: InternVLConfig) -> nnx.Module:
     """The model of ``config``, randomly initialised from ``config.seed``."""
     groups = optim.ParamGroups.from_config(config.optim.rules)
-    return build.build_model(backbone_config, config.model, config.tasks, groups, nnx.Rngs(config.seed))
+    return build.build_model(backbone_config, config.model, config.tasks, groups, nnx.Rngs(config.seed),
+                             config.lora)
 
 
 @dataclasses.dataclass

@@ -48,6 +48,20 @@ class Linear(nnx.Linear):
         super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                          preferred_element_type=preferred_element_type, rngs=rngs, kernel_metadata=axes(names),
                          bias_metadata=axes(names[-1:]))
+        # LoRA factors, attached after construction by `vlm_jax.lora.attach` (None: a plain linear). nnx.data:
+        # attributes that will hold Variables.
+        self.lora_a: nnx.Param | None = nnx.data(None)  # float32[in, r]
+        self.lora_b: nnx.Param | None = nnx.data(None)  # float32[r, out]
+        self.lora_scale = 0.0  # alpha / r
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        if self.lora_a is None:
+            return y
+        # x A B in the compute dtype, added to x W + b: the base weights are never touched (merge folds it in).
+        a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+        update = (x.astype(self.dtype) @ a) @ b
+        return y + (update * self.lora_scale).astype(y.dtype)
 
 
 class LayerNorm(nnx.Module):
