@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from vlm_jax.checkpoints import mapping
 from vlm_jax.checkpoints.integrity import CheckpointError
-from vlm_jax.checkpoints.safetensors_io import SINGLE_FILE, SafetensorsDir
+from vlm_jax.checkpoints.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsDir
 from vlm_jax.models.config import InternVLConfig
 from vlm_jax.models.internvl import InternVL
 
@@ -233,10 +233,12 @@ def to_hf_config_dict(cfg: InternVLConfig, layout: str = "transformers") -> dict
 
 
 def save_hf(directory: str, module: InternVL, cfg: InternVLConfig, layout: str = "transformers",
-            dtype="float32") -> None:
-    """Write `module` as a Hugging Face checkpoint (config.json + model.safetensors) in `layout`.
+            dtype="float32", max_shard_bytes: int = 5 * 10 ** 9) -> None:
+    """Write `module` as a Hugging Face checkpoint (config.json + safetensors) in `layout`.
 
-    The transformers layout uses the native names (`model.*`, `lm_head.weight`), which transformers loads.
+    The transformers layout uses the native names (`model.*`, `lm_head.weight`), which transformers loads. Tensors
+    go to `model.safetensors`, or, above `max_shard_bytes`, to `model-0000k-of-0000n.safetensors` shards with a
+    `model.safetensors.index.json` (the layout `from_pretrained` and `SafetensorsDir` read), in mapping order.
     """
     if layout == "opengvlab" and cfg.text.tie_word_embeddings:
         raise ValueError("the OpenGVLab layout has no tied-embedding variant")
@@ -249,6 +251,24 @@ def save_hf(directory: str, module: InternVL, cfg: InternVLConfig, layout: str =
         for i, value in enumerate(flat[row.flax] if row.per_layer else [flat[row.flax]]):
             for name, arr in zip(names, mapping.from_flax(row, value, cfg, len(names))):
                 tensors[name.format(i=i)] = np.ascontiguousarray(arr.astype(np_dtype))
-    save_file(tensors, os.path.join(directory, SINGLE_FILE), metadata={"format": "pt"})
+    shards: list[dict] = [{}]
+    size = 0
+    for name, arr in tensors.items():
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    if len(shards) == 1:
+        save_file(tensors, os.path.join(directory, SINGLE_FILE), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, 1):
+            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in shard})
+        index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))}, "weight_map": weight_map}
+        with open(os.path.join(directory, INDEX_FILE), "w") as f:
+            json.dump(index, f, indent=2)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(to_hf_config_dict(cfg, layout), f, indent=2)
