@@ -95,6 +95,14 @@ def test_a_lora_run_exported_loads_in_transformers_with_the_same_logits(tmp_path
     mask = np.ones_like(ids)
     unmerged = np.asarray(model.backbone(jnp.asarray(px), jnp.asarray(ids), jnp.asarray(mask)).logits)
 
+    host = benchmark_train_step.synthetic_batch(cfg, backbone_cfg, 4, seed=7)
+    batch = {k: jnp.asarray(host[k]) for k in ("image", "text_ids", "text_mask", "query_ids", "query_mask")}
+    features = model.features(batch, train=False)
+    mine = {"image_emb": features.image_emb, "text_emb": features.text_emb, "logit_scale": features.logit_scale,
+            "itm_logit": model.tasks["itm"].head(features.fused)[:, 0],
+            "box": model.tasks["box"](features, batch, train=False)["box_pred"],
+            "spatial_logits": model.tasks["spatial"](features, batch, train=False)["spatial_logits"]}
+
     out = tmp_path / "export"
     info = export.export_model(model, cfg, tok, str(out), max_shard_bytes=200_000)
     assert info["merged_lora_linears"] == 4 and len(list(out.glob("model-*-of-*.safetensors"))) > 1
@@ -115,3 +123,14 @@ def test_a_lora_run_exported_loads_in_transformers_with_the_same_logits(tmp_path
     heads = load_file(str(out / export.HEADS_FILE))
     assert heads and not any(k.startswith("backbone/") for k in heads)
     assert "tasks/itm/head/kernel" in heads and "logit_scale" in heads
+
+    # The heads in PyTorch on transformers' outputs (attention box head, objects-query attention spatial head and
+    # MLP ITM head of the demo config) give vlm_jax's outputs.
+    from vlm_jax.torch_heads import TorchHeads
+
+    t = lambda name: torch.from_numpy(np.asarray(host[name]))  # noqa: E731
+    theirs = TorchHeads.from_export(str(out))(reference, t("image").permute(0, 3, 1, 2), t("text_ids").long(),
+                                              t("text_mask").long(), t("query_ids").long(), t("query_mask").long())
+    assert sorted(theirs) == sorted(mine)
+    for name, value in mine.items():
+        np.testing.assert_allclose(theirs[name].numpy(), np.asarray(value), rtol=1e-4, atol=1e-5, err_msg=name)
