@@ -15,6 +15,13 @@ compiles from shapes only (no allocation, no timing), e.g. for the InternVL3-1B 
         --config.model.converted_dir=/data/internvl3_1b --config.optim.accum_steps=2
 
 Inputs are random arrays with the batch layout of the data pipeline (no dataset is read).
+
+``--random_1b`` uses a random backbone of InternVL3-1B's sizes (no converted checkpoint needed); ``--lora_rank R``
+adds LoRA of rank R to every attention and MLP linear of both towers (factors in their own group, the backbone
+frozen) and ``--train_all`` trains every parameter, e.g. the rows of the README's LoRA table:
+
+    python experiments/benchmark_train_step.py --config configs/internvl3_1b_retrieval.py --abstract --random_1b \
+        [--lora_rank 8 | --lora_rank 64 | --train_all]
 """
 
 from __future__ import annotations
@@ -37,6 +44,27 @@ config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_
 flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
 flags.DEFINE_bool("full_reference", False, "Also compile the step with every parameter trainable.")
 flags.DEFINE_bool("abstract", False, "FLOPs and bytes only, from shapes: nothing is allocated or run (any size).")
+flags.DEFINE_bool("random_1b", False, "A random backbone of InternVL3-1B's sizes instead of the config's.")
+flags.DEFINE_integer("lora_rank", 0, "LoRA of this rank on every attention and MLP linear of both towers.")
+flags.DEFINE_bool("train_all", False, "Train every parameter (no frozen group).")
+
+# Every attention and MLP linear of both towers (vlm_jax.lora targets).
+LORA_TARGETS = ("backbone/vision_tower/layers/(attn/(qkv|proj)|mlp/(fc1|fc2))",
+                "backbone/language_model/layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)")
+
+
+def variant(config, lora_rank: int = 0, train_all: bool = False):
+    """`config` with LoRA of `lora_rank` (factors in group 'lora', lr as the config's first group) or every
+    parameter trained."""
+    config = config.copy_and_resolve_references()
+    group = dict(config.optim.groups[optim.ParamGroups.from_config(config.optim.rules).trainable_groups[0]])
+    if train_all:
+        config.optim.rules, config.optim.groups = ((".*", "all"),), {"all": group}
+    if lora_rank:
+        config.lora.rank, config.lora.targets = lora_rank, LORA_TARGETS
+        config.optim.rules = ((".*/lora_(a|b)", "lora"),) + tuple(tuple(r) for r in config.optim.rules)
+        config.optim.groups = dict(config.optim.groups, lora=group)
+    return config
 
 
 def synthetic_batch(config, model_config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -138,14 +166,23 @@ def _abstract_batch(batch: dict, mesh) -> dict:
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in batch.items()}
 
 
-def measure(config, steps: int = 10, full_reference: bool = False, abstract: bool = False, devices=None) -> dict:
+def internvl3_1b_config():
+    from benchmark_forward import internvl3_1b_hf_config
+    from vlm_jax.models.config import InternVLConfig
+
+    return InternVLConfig.from_hf_dict(internvl3_1b_hf_config(24, 151674).to_dict())
+
+
+def measure(config, steps: int = 10, full_reference: bool = False, abstract: bool = False, devices=None,
+            model_config=None) -> dict:
     """The benchmark's JSON record. ``abstract``: compile from shapes only (no step time, no allocation).
 
     FLOPs are per device: with data parallelism the (replicated) optimizer update weighs more against a forward
     that is split over the devices."""
     mesh = sharding.make_mesh(config.mesh, devices)
     num_steps = 1000  # only the schedules' length; irrelevant to cost
-    model_config = build.resolve_backbone(config.model).config
+    if model_config is None:
+        model_config = build.resolve_backbone(config.model).config
     trainer = make_trainer(config, mesh, num_steps, model_config)
     host_batch = synthetic_batch(config, model_config, int(config.batch_size))
     if abstract:
@@ -177,6 +214,8 @@ def measure(config, steps: int = 10, full_reference: bool = False, abstract: boo
         "jaxpr_flop_ratio": step_mm / forward_mm if forward_mm else float("nan"),
         "params_bytes": {"trainable": optim.tree_bytes(state.params), "frozen": optim.tree_bytes(state.frozen)},
         "opt_state_bytes": _bytes_by_group(state.opt_state, frozen_paths, trainable_paths),
+        "lora_rank": int(config.lora.rank),
+        "trainable_parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
     }
     if not abstract:
         state, metrics = trainer.train_step(state, batch, rng)  # warm-up (compiles)
@@ -202,7 +241,13 @@ def measure(config, steps: int = 10, full_reference: bool = False, abstract: boo
 
 def main(argv):
     del argv
-    print(json.dumps(measure(FLAGS.config, FLAGS.steps, FLAGS.full_reference, FLAGS.abstract), sort_keys=True))
+    config = variant(FLAGS.config, FLAGS.lora_rank, FLAGS.train_all)
+    model_config = None
+    if FLAGS.random_1b:
+        config.model.backbone = "tiny"  # random init; the sizes come from model_config
+        model_config = internvl3_1b_config()
+    print(json.dumps(measure(config, FLAGS.steps, FLAGS.full_reference, FLAGS.abstract, model_config=model_config),
+                     sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -134,3 +134,14 @@ def test_a_lora_run_exported_loads_in_transformers_with_the_same_logits(tmp_path
     assert sorted(theirs) == sorted(mine)
     for name, value in mine.items():
         np.testing.assert_allclose(theirs[name].numpy(), np.asarray(value), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_lora_factors_left_in_the_frozen_group_or_unmatched_targets_are_refused(tmp_path):
+    cfg = _lora_config("demo")
+    cfg.optim.rules = (("backbone/.*", "frozen"), (".*", "heads"))
+    with pytest.raises(ValueError, match=r"LoRA factors of .* in the group 'frozen': add a rule such as"):
+        make_trainer(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]), 10)
+    cfg = _lora_config("demo")
+    cfg.lora.targets = ("backbone/language_model/layers/self_attn/qkv",)
+    with pytest.raises(ValueError, match=r"'backbone/language_model/layers/self_attn/qkv' matches no linear layer"):
+        make_trainer(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]), 10)

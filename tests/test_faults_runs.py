@@ -305,6 +305,7 @@ def test_safe_fields_change_without_the_flag():
     ({"model.attention": "flash"}, r"model\.attention='flash': expected one of \('auto', 'xla', 'cudnn'"),
     ({"model.attention": "cudnn"}, r"model\.attention='cudnn' needs an NVIDIA GPU \(backend here: cpu\)"),
     ({"model.remat": "dots"}, r"model\.remat='dots': expected one of \('none', 'full', 'dots_saveable'"),
+    ({"lora.rank": 8}, r"lora\.rank=8 needs lora\.targets \(regexes over linear paths\)"),
 ])
 def test_invalid_configs_fail_before_any_work(tmp_path, data_dir, change, message):
     with pytest.raises(config_check.ConfigError, match=message):

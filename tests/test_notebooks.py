@@ -294,6 +294,24 @@ def test_readme_figure_script_reads_the_trained_workdir(trained, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size < 150_000
 
 
+def test_export_command_writes_the_trained_run_for_transformers(trained, tmp_path, capsys):
+    import json
+
+    import transformers
+
+    from vlm_jax import export
+
+    _, workdir = trained
+    out = tmp_path / "export"
+    export.main(["--workdir", str(workdir), "--output", str(out)])
+    assert '"step": 20' in capsys.readouterr().out
+    model = transformers.InternVLForConditionalGeneration.from_pretrained(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok) == model.get_input_embeddings().weight.shape[0]
+    info = json.loads((out / export.HEADS_CONFIG).read_text())
+    assert sorted(info["tasks"]) == ["box", "itc", "itm", "spatial"] and (out / export.HEADS_FILE).exists()
+
+
 # ---- vlm_jax.viz: the helpers the notebooks call ------------------------------------------------------------------
 
 

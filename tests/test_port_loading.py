@@ -146,7 +146,7 @@ def test_save_hf_round_trip(loaded, native, tmp_path, layout):
                                   np.asarray(again(pixel_values=px, input_ids=ids, attention_mask=mask).logits))
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_with_no_batch_dims_saveable"])
+@pytest.mark.parametrize("policy", ["dots_with_no_batch_dims_saveable"])  # "full": the same path, no policy
 def test_remat_gives_the_same_gradients(policy):
     cfg = InternVLConfig.tiny(vocab_size=64, image_token_id=63)
     model = random_hf.random_model(cfg, seed=1)

@@ -85,6 +85,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     need(not unknown, f"tasks {unknown} are unknown; known tasks: {sorted(tasks.TASKS)}")
     need(bool(config.tasks), "config.tasks names no task")
     problems.extend(_model_problems(config.model))
+    rank = int(config.lora.rank)
+    need(rank >= 0, f"lora.rank={rank}: expected >= 0 (0 = no LoRA)")
+    need(rank <= 0 or (bool(tuple(config.lora.targets)) and float(config.lora.alpha) > 0),
+         f"lora.rank={rank} needs lora.targets (regexes over linear paths) and lora.alpha > 0, got "
+         f"targets={tuple(config.lora.targets)}, alpha={config.lora.alpha}")
     if ckpt.best_metric and not unknown:
         problem = _metric_problem(config, {k: tasks.TASKS[k] for k in config.tasks.keys()})
         need(problem is None, problem or "")
