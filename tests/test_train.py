@@ -66,6 +66,8 @@ def _losses(cfg, mesh, steps=3):
 def mesh_losses(mesh_axes: dict, num_devices: int) -> list[float]:
     """Losses of 3 steps of the tiny config on a mesh over the first ``num_devices`` devices."""
     cfg = _tiny()
+    # ITC and the attention box head: dense and attention heads shard like the rest; fewer heads, a quicker compile.
+    cfg.tasks = {name: cfg.tasks[name].to_dict() for name in ("itc", "box")}
     cfg.mesh = dict(mesh_axes)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:num_devices])
     losses, state = _losses(cfg, mesh)
@@ -141,7 +143,8 @@ def test_frozen_backbone_step_costs_one_forward_and_holds_no_frozen_state():
     cfg.optim.accum_steps = 2  # optax.MultiSteps; the step also logs per-group gradient norms
     cfg.batch_size = 8
     cfg.mesh = {"data": 1}
-    r = benchmark_train_step.measure(cfg, full_reference=True, abstract=True, devices=jax.devices()[:1])
+    r = benchmark_train_step.measure(cfg, full_reference=True, abstract=True, devices=jax.devices()[:1],
+                                     full_reference_xla=False)
     assert r["flop_ratio"] <= 1.01, r  # XLA's compiled count
     assert r["jaxpr_flop_ratio"] <= 1.01, r  # matmul count with every scanned layer
     # With every parameter trainable the same step costs about 3 forwards: the backbone's backward is really gone.
@@ -165,6 +168,7 @@ def test_init_from_converted_backbone_then_from_a_stage1_run(tmp_path):
     cfg.model.backbone, cfg.model.converted_dir, cfg.model.tokenizer = "converted", out, ""
     cfg.init_from = ""
     cfg.mesh = {"data": 1}
+    cfg.tasks = {name: cfg.tasks[name].to_dict() for name in ("itc", "itm")}  # the heads below; a quicker compile
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])  # one device compiles fastest; meshes are tested above
 
     def start(workdir, config):
