@@ -202,11 +202,11 @@ class Scenarios:
         return {"error": error, "steps": steps(workdir)}
 
     def full_disk(self):
-        """WORKDIR/checkpoints on a 6 MiB tmpfs (one checkpoint is ~4.1 MiB), then grown: the same command resumes."""
+        """WORKDIR/checkpoints on a 4 MiB tmpfs (one checkpoint is ~2.6 MiB), then grown: the same command resumes."""
         workdir = self.out / "full_disk"
         mount = workdir / "checkpoints"
         mount.mkdir(parents=True)
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
                           capture_output=True).returncode:
             return {"skipped": "mounting a tmpfs needs root (CAP_SYS_ADMIN)"}
         try:

@@ -45,6 +45,9 @@ def test_two_processes_complete_the_tiny_config(tmp_path):
                "--config.batch_size=16", "--config.eval_batch_size=32", "--config.log_every=2",
                "--config.eval_every=4", "--config.checkpoint.every_steps=2", "--config.mesh.data=1",
                "--config.mesh.fsdp=2", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+               # Plain heads (no attention heads, no objects query): what is tested is the two processes.
+               "--config.tasks.box.head=linear", "--config.tasks.spatial.query=caption",
+               "--config.tasks.spatial.head=mlp", "--config.tasks.spatial.locate=0.0",
                f"--process_id={pid}"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
