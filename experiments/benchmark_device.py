@@ -208,7 +208,7 @@ def seed_recipe_trainer(cfg, config):
     return trainer, trainer.assemble(model_state, trainer.init_train_items(model_state))
 
 
-def measure_step(cfg, config, trainer, holder, batch, clock, peak, device) -> list[dict]:
+def measure_step(cfg, config, trainer, holder, torch_ref, batch, clock, peak, device) -> list[dict]:
     """`holder[0]` is the train state, donated to each step and replaced by its result."""
     import jax
 
@@ -233,7 +233,7 @@ def measure_step(cfg, config, trainer, holder, batch, clock, peak, device) -> li
                loss=float(step()), **mine, **rates(flops, mine["median_s"], batch, peak), **jax_memory(compiled))
     del compiled
 
-    torch_step = TorchSeedStep(cfg, config, device)
+    torch_step = TorchSeedStep(torch_ref, cfg, config, device)
     reset_torch_peak(device)
     theirs = clock(lambda: torch_step(host), torch_sync(device))
     torch_row = dict(measurement="train_step", impl="torch", batch=batch, tiles=1, **theirs,
@@ -248,12 +248,12 @@ class TorchSeedStep:
     ITM / box / spatial heads on [u, v]; losses ITC + ITM (one shuffled negative) + 0.1 L1 box + 0.1 CE spatial;
     AdamW lr 1e-4."""
 
-    def __init__(self, cfg, config, device):
+    def __init__(self, backbone, cfg, config, device):
         import torch
         from torch import nn
 
         self.torch, self.device = torch, device
-        self.backbone = SHARED["torch"]
+        self.backbone = backbone
         emb = config.model.embedding
         a, e = int(emb.adapter_dim), int(emb.embed_dim)
         with torch.device(device):
@@ -291,9 +291,6 @@ class TorchSeedStep:
         loss.backward()
         self.opt.step()
         return loss
-
-
-SHARED: dict = {}
 
 
 def torch_sync(device):
@@ -371,10 +368,10 @@ def main(argv=None) -> int:
             emit(dict(measurement=name, error=f"{type(err).__name__}: {err}"[:2000],
                       where=traceback.format_exc(limit=-3)[-1500:]))
 
-    SHARED["torch"] = torch_model(cfg, device, torch.bfloat16)
-    module = jax_model(cfg, SHARED["torch"], args.attention)
+    torch_ref = torch_model(cfg, device, torch.bfloat16)
+    module = jax_model(cfg, torch_ref, args.attention)
     for t in tiles:
-        attempt(f"forward/tiles={t}", lambda t=t: measure_forward(cfg, SHARED["torch"], module, forward_batch, t,
+        attempt(f"forward/tiles={t}", lambda t=t: measure_forward(cfg, torch_ref, module, forward_batch, t,
                                                                  clock, peak, device))
     del module
     config = seed_recipe_config(cfg, args.attention)
@@ -382,8 +379,8 @@ def main(argv=None) -> int:
     holder = [state]
     del state
     for b in step_batches:
-        attempt(f"train_step/batch={b}", lambda b=b: measure_step(cfg, config, trainer, holder, b, clock, peak,
-                                                                  device))
+        attempt(f"train_step/batch={b}",
+                lambda b=b: measure_step(cfg, config, trainer, holder, torch_ref, b, clock, peak, device))
     return 1 if failures else 0
 
 

@@ -34,9 +34,6 @@ from flax import nnx
 
 from vlm_jax.models import layers
 
-FACTORS = ("lora_a", "lora_b")
-
-
 def linears(model: nnx.Module) -> dict[str, layers.Linear]:
     """{path: Linear} of every `layers.Linear` in `model` (path = its kernel's path without '/kernel')."""
     return {"/".join(str(p) for p in path): node for path, node in nnx.iter_graph(model)

@@ -21,6 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+# The file names vlm_jax.export writes (spelled here too: this module imports no jax).
 HEADS_FILE = "heads.safetensors"
 HEADS_CONFIG = "heads_config.json"
 
