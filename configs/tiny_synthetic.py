@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict(dict(
         rank=0,
         alpha=16.0,
+        dropout=0.0,  # on the update's input in training (PEFT's lora_dropout)
         targets=(),  # regexes over linear paths, e.g. "backbone/language_model/layers/self_attn/(q|v)_proj"
         vision_layers=(),  # (start, stop) of the vision tower's layers; () = all
         text_layers=(),  # (start, stop) of the language model's layers; () = all

@@ -50,7 +50,7 @@ def _lora_config(tokenizer_dir):
     cfg = config_files.load_config_file(REPO / "configs" / "tiny_synthetic.py")
     cfg.model.tokenizer = str(tokenizer_dir)
     cfg.batch_size = 8
-    cfg.lora.update(dict(rank=4, alpha=8.0, vision_layers=(1, 2), targets=(
+    cfg.lora.update(dict(rank=4, alpha=8.0, dropout=0.1, vision_layers=(1, 2), targets=(
         "backbone/language_model/layers/(self_attn/(q|v)_proj|mlp/down_proj)", "backbone/vision_tower/layers/attn/qkv")))
     cfg.optim.rules = ((".*/lora_(a|b)", "lora"), ("backbone/.*", "frozen"), (".*", "heads"))
     cfg.optim.groups = {"lora": dict(cfg.optim.groups["all"], lr=1e-2), "heads": dict(cfg.optim.groups["all"])}

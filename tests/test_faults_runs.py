@@ -306,6 +306,7 @@ def test_safe_fields_change_without_the_flag():
     ({"model.attention": "cudnn"}, r"model\.attention='cudnn' needs an NVIDIA GPU \(backend here: cpu\)"),
     ({"model.remat": "dots"}, r"model\.remat='dots': expected one of \('none', 'full', 'dots_saveable'"),
     ({"lora.rank": 8}, r"lora\.rank=8 needs lora\.targets \(regexes over linear paths\)"),
+    ({"lora.dropout": 1.0}, r"lora\.dropout=1\.0: expected a rate in \[0, 1\)"),
 ])
 def test_invalid_configs_fail_before_any_work(tmp_path, data_dir, change, message):
     with pytest.raises(config_check.ConfigError, match=message):

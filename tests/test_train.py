@@ -68,12 +68,19 @@ def mesh_losses(mesh_axes: dict, num_devices: int) -> list[float]:
     cfg = _tiny()
     # ITC and the attention box head: dense and attention heads shard like the rest; fewer heads, a quicker compile.
     cfg.tasks = {name: cfg.tasks[name].to_dict() for name in ("itc", "box")}
+    # LoRA with dropout on top of the trained backbone: its factors shard by the kernels' logical axes, and the
+    # dropout masks do not depend on the mesh.
+    cfg.lora.update(dict(rank=4, dropout=0.1, targets=("backbone/language_model/layers/self_attn/(q|v)_proj",
+                                                       "backbone/vision_tower/layers/attn/qkv")))
     cfg.mesh = dict(mesh_axes)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:num_devices])
     losses, state = _losses(cfg, mesh)
     if num_devices > 1:
         leaves = jax.tree.leaves(state.params["backbone"]["language_model"])
         assert any("fsdp" in str(x.sharding.spec) for x in leaves), "nothing was fsdp-sharded"
+        q_proj = state.params["backbone"]["language_model"]["layers"]["self_attn"]["q_proj"]
+        specs = {k: tuple(q_proj[k][...].sharding.spec) for k in ("kernel", "lora_a", "lora_b")}
+        assert "fsdp" in specs["lora_a"] and specs["lora_a"][:2] == specs["kernel"][:2], specs
     return losses.tolist()
 
 

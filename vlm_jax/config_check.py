@@ -90,6 +90,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     need(rank <= 0 or (bool(tuple(config.lora.targets)) and float(config.lora.alpha) > 0),
          f"lora.rank={rank} needs lora.targets (regexes over linear paths) and lora.alpha > 0, got "
          f"targets={tuple(config.lora.targets)}, alpha={config.lora.alpha}")
+    rate = float(config.lora.dropout)
+    need(0 <= rate < 1, f"lora.dropout={rate}: expected a rate in [0, 1)")
     if ckpt.best_metric and not unknown:
         problem = _metric_problem(config, {k: tasks.TASKS[k] for k in config.tasks.keys()})
         need(problem is None, problem or "")

@@ -44,6 +44,7 @@ DESCRIPTIONS: dict[str, str] = {
     "lora": "LoRA on backbone linears (vlm_jax.lora); its factors need a trained group in optim.rules",
     "lora.rank": "r: rank of the factors A [in, r], B [r, out]; 0 = no LoRA",
     "lora.alpha": "the update x A B is scaled by alpha / r",
+    "lora.dropout": "dropout rate on the LoRA update's input (dropout(x) A B), training only; 0 = none",
     "lora.targets": "regexes, each matching the whole path of >= 1 linear (e.g. .../self_attn/(q|v)_proj)",
     "lora.vision_layers": "(start, stop) of the vision tower's layers that get LoRA; () = all",
     "lora.text_layers": "(start, stop) of the language model's layers that get LoRA; () = all",

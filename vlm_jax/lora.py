@@ -8,10 +8,16 @@ so training starts from the base model) are parameters of the `layers.Linear` th
 master copies whatever the compute dtype, and carry the kernel's logical axes (`in` for A, `out` for B, the rank
 unsharded), so they shard with the same rules.
 
+LoRA dropout (as PEFT's ``lora_dropout``) is an `nnx.Dropout` of the linear, built inactive: evaluation, export and
+generation never drop. `training_view` activates it for a training forward. In a scanned tower its RNG stream is
+stacked like the factors (a key per layer: every layer draws its own mask); the trainer reseeds every stream from
+the step, so a resumed run draws the same masks.
+
 Config section (``config.lora``)::
 
     rank            r; 0 = no LoRA
     alpha           the update is scaled by alpha / r
+    dropout         rate of dropout on the update's input (x A B becomes dropout(x) A B) in training; 0 = none
     targets         regexes, each matching the whole path of at least one linear (its kernel's path without
                     '/kernel'), e.g. 'backbone/language_model/layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)'
     vision_layers   (start, stop): the vision tower's layers that get LoRA; () = all
@@ -28,6 +34,7 @@ from __future__ import annotations
 import math
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -90,7 +97,24 @@ def attach(model: nnx.Module, lora_cfg, rngs: nnx.Rngs) -> list[str]:
         linear.lora_b = nnx.Param(jnp.zeros((*lead, rank, fan_out), jnp.float32),
                                   **layers.axes((*names[:-2], None, names[-1])))
         linear.lora_scale = scale
+        if float(lora_cfg.dropout) > 0:
+            linear.lora_dropout = _dropout(float(lora_cfg.dropout), rngs.dropout(), lead)
     return sorted(chosen)
+
+
+def _dropout(rate: float, key: jax.Array, lead: tuple[int, ...]) -> nnx.Dropout:
+    """An inactive `nnx.Dropout` whose RNG stream holds one key per stacked layer (key shape `lead`)."""
+    dropout = nnx.Dropout(rate, deterministic=True)
+    # nnx.Dropout(rngs=...) forks a single key; a stacked stream is set directly.
+    dropout.rngs = nnx.RngStream(jax.random.split(key, lead) if lead else key, tag="dropout")
+    return dropout
+
+
+def training_view(module: nnx.Module, train: bool) -> nnx.Module:
+    """`module` with its LoRA dropout active when `train` (the same module when not, or without LoRA dropout)."""
+    if not train or all(lin.lora_dropout is None for lin in linears(module).values()):
+        return module
+    return nnx.view(module, only=nnx.Dropout, deterministic=False)
 
 
 def num_parameters(model: nnx.Module) -> int:
@@ -108,7 +132,7 @@ def merge(model: nnx.Module) -> int:
         delta = jnp.einsum("...ir,...ro->...io", linear.lora_a[...], linear.lora_b[...]) * linear.lora_scale
         kernel = linear.kernel[...]
         linear.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
-        linear.lora_a = linear.lora_b = None
+        linear.lora_a = linear.lora_b = linear.lora_dropout = None
         linear.lora_scale = 0.0
         merged += 1
     return merged

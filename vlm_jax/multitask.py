@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from vlm_jax import caption_truth
+from vlm_jax import caption_truth, lora
 from vlm_jax import tasks as tasks_lib
 from vlm_jax.models import layers, pooling
 from vlm_jax.models.internvl import InternVL
@@ -156,9 +156,10 @@ class MultitaskModel(nnx.Module):
     def features(self, batch: dict, *, train: bool) -> tasks_lib.Features:
         """The backbone once, the shared embedding layers, and fusion of the matching pairs."""
         image = batch["image"]
+        backbone = lora.training_view(self.backbone, train)  # LoRA dropout (if any) active in training only
         b = image.shape[0]
-        vision_hidden = self.backbone.vision_hidden_states(image)  # [B, 1+P, Dv]
-        text_hidden, _ = self.backbone.language_model(input_ids=batch["text_ids"], attention_mask=batch["text_mask"])
+        vision_hidden = backbone.vision_hidden_states(image)  # [B, 1+P, Dv]
+        text_hidden, _ = backbone.language_model(input_ids=batch["text_ids"], attention_mask=batch["text_mask"])
         image_emb = self._image_branch(vision_hidden, train)
         text_emb = self._text_branch(text_hidden, batch["text_mask"], train)
 
@@ -166,12 +167,12 @@ class MultitaskModel(nnx.Module):
             def fuse(pair_image, pair_text):
                 return late_fusion_features(image_emb[pair_image], text_emb[pair_text], self.config.fusion_features)
         else:
-            image_tokens = self.backbone.image_embeddings_from_hidden(vision_hidden, image.shape[1:3])  # [B, Q, D]
+            image_tokens = backbone.image_embeddings_from_hidden(vision_hidden, image.shape[1:3])  # [B, Q, D]
 
             def fuse(pair_image, pair_text):
                 ids, mask = batch["prompt_ids"][pair_text], batch["prompt_mask"][pair_text]
-                embeds = self.backbone.merge_image_embeddings(ids, image_tokens[pair_image])  # [N, Lp, D]
-                hidden, _ = self.backbone.language_model(inputs_embeds=embeds, attention_mask=mask)
+                embeds = backbone.merge_image_embeddings(ids, image_tokens[pair_image])  # [N, Lp, D]
+                hidden, _ = backbone.language_model(inputs_embeds=embeds, attention_mask=mask)
                 return pooling.gather_positions(hidden, pooling.last_valid_index(mask)).astype(jnp.float32)
 
         query_fused = None
@@ -179,7 +180,7 @@ class MultitaskModel(nnx.Module):
             if "query_ids" not in batch:
                 raise ValueError("the spatial task's query 'objects' needs query_ids in the batch: a dataset whose "
                                  "records name each caption's subjects and references (spatial_shapes)")
-            query_hidden, _ = self.backbone.language_model(input_ids=batch["query_ids"],
+            query_hidden, _ = backbone.language_model(input_ids=batch["query_ids"],
                                                            attention_mask=batch["query_mask"])
             query_emb = self._text_branch(query_hidden, batch["query_mask"], train)
             query_fused = late_fusion_features(image_emb, query_emb, self.config.fusion_features)

@@ -53,13 +53,17 @@ class Linear(nnx.Linear):
         self.lora_a: nnx.Param | None = nnx.data(None)  # float32[in, r]
         self.lora_b: nnx.Param | None = nnx.data(None)  # float32[r, out]
         self.lora_scale = 0.0  # alpha / r
+        self.lora_dropout: nnx.Dropout | None = nnx.data(None)  # on x before A; inactive unless training
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = super().__call__(x)
         if self.lora_a is None:
             return y
         # x A B in the compute dtype, added to x W + b: the base weights are never touched (merge folds it in).
+        # Dropout acts on the update's input only (as PEFT's), so the base path stays the pretrained function.
         a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+        if self.lora_dropout is not None:
+            x = self.lora_dropout(x)
         update = (x.astype(self.dtype) @ a) @ b
         return y + (update * self.lora_scale).astype(y.dtype)
 
