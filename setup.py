@@ -38,6 +38,8 @@ EXTRAS_REQUIRE = {
         "ipykernel==7.4.0",
         "jupytext==1.19.6",  # the notebooks are kept as text (experiments/notebooks/)
         "matplotlib",
+        # Reference for the COCO detection metrics test only; never imported by vlm_jax.
+        "pycocotools>=2.0.8",
     ],
     "notebooks": ["matplotlib", "jupytext==1.19.6"],
 }

@@ -68,12 +68,13 @@ def _caption_strip(lines: list[str], width: int) -> Image.Image:
 
 def boxes_picture(image: np.ndarray, caption: str, true_box, pred_box, note: str = "") -> np.ndarray:
     """uint8[H, W, 3]: the image scaled to PANEL px with the true (green) and predicted (magenta) normalised xyxy
-    boxes, the caption (and ``note``) written below."""
+    boxes (float[4] or float[K, 4] each), the caption (and ``note``) written below."""
     panel = _panel(image)
     draw = ImageDraw.Draw(panel)
-    for box, colour in ((true_box, TRUE_COLOUR), (pred_box, PRED_COLOUR)):
-        x0, y0, x1, y1 = (float(v) * PANEL for v in box)
-        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=2)
+    for boxes, colour in ((true_box, TRUE_COLOUR), (pred_box, PRED_COLOUR)):
+        for box in np.asarray(boxes, np.float32).reshape(-1, 4):
+            x0, y0, x1, y1 = (float(v) * PANEL for v in box)
+            draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=2)
     lines = textwrap.wrap(caption, 30)[:3] + ([note] if note else [])
     strip = _caption_strip(lines, PANEL)
     out = Image.new("RGB", (PANEL, PANEL + strip.height), (255, 255, 255))

@@ -171,3 +171,20 @@ def spatial_loss(logits, labels, has_relation):
     ce = _cross_entropy(safe_logits, safe_labels)
     correct = (jnp.argmax(safe_logits, axis=-1) == safe_labels).astype(jnp.float32)
     return {"loss": _masked_mean(ce, valid), "acc": _masked_mean(correct, valid)}
+
+
+def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
+    """Elementwise focal loss (Lin et al. 2017) on sigmoid outputs, float32.
+
+    FL = -alpha_t (1 - p_t)^gamma log(p_t), p_t = p if target else 1 - p, alpha_t = alpha if target else 1 - alpha
+    (alpha < 0: no alpha weighting). logits, targets: float[...] (targets in {0, 1}) -> float32[...]. log(p_t) comes
+    from the logits (`optax.sigmoid_binary_cross_entropy`), so it is finite for any finite logit.
+    """
+    logits, targets = logits.astype(jnp.float32), targets.astype(jnp.float32)
+    p = jax.nn.sigmoid(logits)
+    ce = optax.sigmoid_binary_cross_entropy(logits, targets)
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss

@@ -197,7 +197,7 @@ class MultitaskModel(nnx.Module):
             image_emb=image_emb, text_emb=text_emb, logit_scale=self.scale(), fused=fuse(rows, rows), fuse=fuse,
             valid=tasks_lib.batch_valid(batch, b),
             image_id=batch.get("image_id"), negatives=negatives, query_fused=query_fused,
-            rng=self.sample_rng() if train else None)
+            rng=self.sample_rng() if train else None, text_hidden=text_hidden, text_mask=batch["text_mask"])
 
     # ---- tasks -------------------------------------------------------------------------------------------------
 

@@ -111,7 +111,11 @@ def _builder_class(name: str):
     if name == "refcoco":
         from vlm_jax.data.datasets import refcoco
         return refcoco.RefCoco
-    raise ValueError(f"config.data.name must be 'spatial_shapes', 'coco_captions' or 'refcoco', got {name!r}")
+    if name == "coco_detection":
+        from vlm_jax.data.datasets import coco_detection
+        return coco_detection.CocoDetection
+    raise ValueError(f"config.data.name must be 'spatial_shapes', 'coco_captions', 'refcoco' or 'coco_detection', "
+                     f"got {name!r}")
 
 
 def make_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

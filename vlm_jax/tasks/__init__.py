@@ -6,10 +6,12 @@ and give it a section `config.tasks.<name>` (with `weight`) in the config file.
 
 from vlm_jax.tasks.base import Features, Task, Widths, batch_valid, total_loss
 from vlm_jax.tasks.box import BoxTask
+from vlm_jax.tasks.detection import DetectionTask
 from vlm_jax.tasks.itc import ContrastiveTask
 from vlm_jax.tasks.itm import MatchingTask
 from vlm_jax.tasks.spatial import SpatialTask
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ContrastiveTask, MatchingTask, BoxTask, SpatialTask)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ContrastiveTask, MatchingTask, BoxTask, SpatialTask,
+                                                           DetectionTask)}
 
 __all__ = ["TASKS", "Features", "Task", "Widths", "batch_valid", "total_loss"]

@@ -63,6 +63,8 @@ class Features:
     query_fused    float32[B, F] or None  fused features of (image i, query i), the spatial query that names the two
                                       objects without the relation; None unless a task reads queries
     rng            PRNG key or None   for sampling in training (None in evaluation: deterministic)
+    text_hidden    float[B, L, D]     the caption's LM hidden states (the detection decoder's text memory)
+    text_mask      int[B, L]          1 on the caption's tokens
     """
 
     vision_hidden: jax.Array
@@ -77,6 +79,8 @@ class Features:
     negatives: jax.Array
     query_fused: jax.Array | None
     rng: jax.Array | None
+    text_hidden: jax.Array | None = None
+    text_mask: jax.Array | None = None
 
 
 class Task(nnx.Module):

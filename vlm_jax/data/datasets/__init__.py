@@ -6,6 +6,7 @@ vocabulary they share.
     spatial_shapes.py  procedural shapes with captions, boxes and spatial relations (no download)
     coco_captions.py   COCO captions, Karpathy splits, from files in `manual_dir`
     refcoco.py         RefCOCO-style referring expressions, from JSON files in `manual_dir`
+    coco_detection.py  COCO detection annotations (objects, boxes, categories), from files in `manual_dir`
 
 This package imports nothing heavy itself: tensorflow_datasets loads with the builders.
 """

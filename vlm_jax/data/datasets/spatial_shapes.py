@@ -82,6 +82,7 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
+OBJECT_NAMES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # every object name: a class vocabulary
 CAPTION_VERBS = ("is left of", "is right of", "is above", "is below", "is inside", "is around")
 SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 
