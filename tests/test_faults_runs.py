@@ -307,6 +307,8 @@ def test_safe_fields_change_without_the_flag():
     ({"model.remat": "dots"}, r"model\.remat='dots': expected one of \('none', 'full', 'dots_saveable'"),
     ({"lora.rank": 8}, r"lora\.rank=8 needs lora\.targets \(regexes over linear paths\)"),
     ({"lora.dropout": 1.0}, r"lora\.dropout=1\.0: expected a rate in \[0, 1\)"),
+    ({"tasks": {"detection": {}}, "data.name": "coco_captions"},
+     r"tasks\.detection needs a dataset that lists every object of an image"),
 ])
 def test_invalid_configs_fail_before_any_work(tmp_path, data_dir, change, message):
     with pytest.raises(config_check.ConfigError, match=message):

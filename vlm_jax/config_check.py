@@ -91,6 +91,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
          f"lora.rank={rank} needs lora.targets (regexes over linear paths) and lora.alpha > 0, got "
          f"targets={tuple(config.lora.targets)}, alpha={config.lora.alpha}")
     rate = float(config.lora.dropout)
+    objects = ("spatial_shapes", "coco_detection")  # datasets whose records list every object of an image
+    need("detection" not in config.tasks or config.data.name in objects,
+         f"tasks.detection needs a dataset that lists every object of an image ({', '.join(objects)}); "
+         f"data.name={config.data.name!r} has none")
     need(0 <= rate < 1, f"lora.dropout={rate}: expected a rate in [0, 1)")
     if ckpt.best_metric and not unknown:
         problem = _metric_problem(config, {k: tasks.TASKS[k] for k in config.tasks.keys()})

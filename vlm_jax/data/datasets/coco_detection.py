@@ -80,6 +80,20 @@ FALLBACK_IMAGE_DIR = "images"
 NO_OBJECTS_CAPTION = "no annotated objects"
 
 
+# COCO 2017's 80 detection categories in category id order (the class vocabulary of configs/internvl3_1b_detection.py;
+# `category_names(builder)` reads the same list from a built dataset).
+COCO_2017_CATEGORIES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+
+
 @dataclasses.dataclass(eq=False)
 class CocoDetectionConfig(tfds.core.BuilderConfig):
     """`splits`: {split: (annotation file, image folder)}, relative to manual_dir. `max_objects`: the most non-crowd
