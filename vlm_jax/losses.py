@@ -188,3 +188,55 @@ def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0)
     if alpha >= 0:
         loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
     return loss
+
+
+IGNORE_INDEX = -100  # transformers' label of tokens that are not predicted (prompt, image, padding)
+
+
+def next_token_loss(logits, labels, weights=None, *, spans=None, head=None, chunk_size: int = 0) -> dict:
+    """Shifted next-token cross-entropy with transformers' conventions, in float32.
+
+    Position t predicts labels[t + 1]; labels equal to IGNORE_INDEX (-100) are not counted; the loss is the sum over
+    counted tokens of weight x cross-entropy divided by the number of counted tokens (all weights 1: transformers'
+    `labels=` loss, the mean over counted tokens).
+
+    Args:
+      logits: float[B, T, V] in any dtype; with `head`, the hidden states float[B, T, D] that `head` maps to logits.
+      labels: int[B, T] (the input ids with -100 where nothing is predicted).
+      weights: float[B, T] per label token (aligned with `labels`), e.g. a teacher span weighted 0.5; None = 1.
+      spans: {name: bool[B, T]} label tokens of named answer parts (aligned with `labels`); each adds the terms
+        `<name>` (its mean cross-entropy) and `<name>_tokens`.
+      head: float[..., D] -> float[..., V] (e.g. `InternVL.logits`), applied per chunk when chunk_size > 0.
+      chunk_size: > 0: positions per chunk; the float32 logits of one chunk exist at a time (`lax.map` over chunks,
+        each rematerialised in the backward pass), instead of [B, T, V] float32 at once, the step's largest tensor.
+    Returns:
+      {"loss": float32[], "tokens": float32[] counted tokens, and the span terms}.
+    """
+    x, target = logits[:, :-1], labels[:, 1:]
+    counted = target != IGNORE_INDEX
+    safe = jnp.where(counted, target, 0).astype(jnp.int32)
+
+    def token_ce(xc, tc):  # [B, t, D or V], int[B, t] -> float32[B, t]
+        lg = (head(xc) if head is not None else xc).astype(jnp.float32)
+        return jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, tc[..., None], -1)[..., 0]
+
+    steps = x.shape[1]
+    if chunk_size > 0 and steps > chunk_size:
+        n = -(-steps // chunk_size)
+        pad = n * chunk_size - steps
+        xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        ts = jnp.pad(safe, ((0, 0), (0, pad)))
+        split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, chunk_size, *a.shape[2:]), 1, 0)  # noqa: E731
+        ce = jax.lax.map(jax.checkpoint(lambda a: token_ce(*a)), (split(xs), split(ts)))  # [n, B, chunk]
+        ce = jnp.moveaxis(ce, 0, 1).reshape(x.shape[0], -1)[:, :steps]
+    else:
+        ce = token_ce(x, safe)
+    ce = jnp.where(counted, ce, 0.0)
+    w = jnp.ones_like(ce) if weights is None else weights[:, 1:].astype(jnp.float32)
+    tokens = jnp.sum(counted).astype(jnp.float32)
+    out = {"loss": jnp.sum(jnp.where(counted, w * ce, 0.0)) / jnp.maximum(tokens, 1.0), "tokens": tokens}
+    for name, mask in (spans or {}).items():
+        in_span = mask[:, 1:].astype(bool) & counted
+        out[name] = _masked_mean(ce, in_span)
+        out[f"{name}_tokens"] = jnp.sum(in_span).astype(jnp.float32)
+    return out
