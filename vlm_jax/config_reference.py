@@ -101,7 +101,7 @@ DESCRIPTIONS: dict[str, str] = {
     "tasks.detection.matching": "'jax' (on device) | 'scipy' (host callback): see vlm_jax.matching",
 
     "data": "dataset and input pipeline (vlm_jax.data.pipeline); tile size and tokenizer come from the model",
-    "data.name": "tfds builder: 'spatial_shapes' (generated) | 'coco_captions' | 'refcoco' (both read manual_dir)",
+    "data.name": "tfds builder: 'spatial_shapes' (generated) | 'coco_captions' | 'refcoco' | 'coco_detection'",
     "data.builder_config": "tfds config ('' = default): coco_captions 'karpathy'; "
                            "refcoco 'refcoco' | 'refcocoplus' | 'refcocog'",
     "data.builder_params": "spatial_shapes without builder_config: overrides "
@@ -112,7 +112,7 @@ DESCRIPTIONS: dict[str, str] = {
     "data.builder_params.num_test": "images in the test split (2 captions each)",
     "data.builder_params.*": "a field of spatial_shapes.SpatialShapesConfig",
     "data.data_dir": "tfds data_dir the dataset is built into and read from ('' = ~/tensorflow_datasets)",
-    "data.manual_dir": "coco_captions / refcoco: the folder with the user's images and annotation files",
+    "data.manual_dir": "coco_captions / refcoco / coco_detection: the folder with the user's images and annotations",
     "data.prepare": "build the dataset into data_dir when it is not there yet (False: it must exist)",
     "data.skip_bad_records": "coco_captions / refcoco: skip and count missing "
                              "or corrupt images at build time, not fail",

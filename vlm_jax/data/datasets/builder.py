@@ -5,6 +5,7 @@ Builders (import the module to register it with tfds; all write array_record fil
     spatial_shapes.SpatialShapes   procedural shapes with captions, boxes and spatial relations (no download)
     coco_captions.CocoCaptions     COCO captions, Karpathy splits, from files in `manual_dir`
     refcoco.RefCoco                RefCOCO-style referring expressions, from JSON files in `manual_dir`
+    coco_detection.CocoDetection   COCO detection annotations (instances_*.json), every object's name and box
 
 Every record holds one image and K >= 1 captions (K fixed per builder config, or variable):
     image            encoded image (PNG or the source JPEG), uint8[H, W, 3] when decoded
@@ -40,6 +41,13 @@ def record_features(k: int | None, image_shape=(None, None, 3), image_format: st
         "has_relation": tfds.features.Tensor(shape=(k,), dtype=np.bool_),
     }
 
+
+
+def no_box_fields(k: int) -> dict:
+    """The schema's box and relation fields of `k` captions that name no box and no relation (all zero / False)."""
+    return {"boxes": np.zeros((k, 4), np.float32), "reference_boxes": np.zeros((k, 4), np.float32),
+            "relations": np.zeros((k,), np.int32), "has_box": np.zeros((k,), bool),
+            "has_relation": np.zeros((k,), bool)}
 
 class LocalBuilder(tfds.core.GeneratorBasedBuilder):
     """GeneratorBasedBuilder defaulting to array_record files, for builders that live in this package."""

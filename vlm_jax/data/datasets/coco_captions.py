@@ -25,7 +25,6 @@ import dataclasses
 import json
 from collections.abc import Iterator
 
-import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -100,10 +99,6 @@ class CocoCaptions(builder.ManualBuilder):
                 "image_id": cocoid,
                 "file_name": file_name,
                 "captions": captions,
-                "boxes": np.zeros((k, 4), np.float32),
-                "reference_boxes": np.zeros((k, 4), np.float32),
-                "relations": np.zeros((k,), np.int32),
-                "has_box": np.zeros((k,), bool),
-                "has_relation": np.zeros((k,), bool),
+                **builder.no_box_fields(k),
             }
         self._record_skips()
