@@ -42,3 +42,25 @@ def test_box_text_round_trips_to_the_nearest_thousandth():
     assert why is None
     np.testing.assert_allclose(parsed, boxes, atol=0.5e-3 + 1e-7)
     assert grounding.box_text(None, [0.1, 0.2, 0.3, 0.4]) == "<box>[[100, 200, 300, 400]]</box>"
+
+
+def test_accuracy_on_hand_made_answers_equals_a_direct_iou_count():
+    truth = np.array([[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.4, 0.6], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.9, 0.9]])
+    answers = ["<ref>a</ref><box>[[100, 100, 500, 500]]</box>",      # exact: IoU 1
+               "<box>[[200, 300, 400, 700]]</box>",                   # shifted down by 0.1
+               "I cannot tell",                                       # unparsable: wrong, counted
+               "<box>[[500, 500, 660, 900], [500, 500, 900, 900]]</box>"]  # the first box is the answer
+    result = grounding.grounding_accuracy(answers, truth)
+
+    def iou(a, b):  # written out for these axis-aligned boxes
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+        return w * h / union
+
+    direct = [iou([0.1, 0.1, 0.5, 0.5], truth[0]), iou([0.2, 0.3, 0.4, 0.7], truth[1]), 0.0,
+              iou([0.5, 0.5, 0.66, 0.9], truth[3])]
+    np.testing.assert_allclose(result["iou"], direct, rtol=1e-6)
+    assert direct[1] == pytest.approx(0.6) and direct[3] == pytest.approx(0.4)  # right, wrong
+    assert result["acc"] == pytest.approx(2 / 4) and result["unparsable"] == 1 and list(result["reasons"]) == [2]
+    assert result["mean_iou"] == pytest.approx(np.mean([direct[0], direct[1], direct[3]]))

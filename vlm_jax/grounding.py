@@ -29,7 +29,7 @@ def box_text(expression: str | None, boxes) -> str:
 
 
 def parse_boxes(text: str) -> tuple[np.ndarray, str | None]:
-    """(float32[K, 4] normalised xyxy boxes of the answer's first `<box>` block, None) or (float32[0, 4], why).
+    """(float64[K, 4] normalised xyxy boxes of the answer's first `<box>` block, None) or (float[0, 4], why).
 
     A block must hold one or more `[x1, y1, x2, y2]` lists inside an outer `[...]`, numbers in 0..1000 with
     x1 <= x2 and y1 <= y2; anything else is unparsable (the reason says what was wrong)."""
@@ -49,4 +49,36 @@ def parse_boxes(text: str) -> tuple[np.ndarray, str | None]:
         return empty, f"box block {body!r} has coordinates outside 0..{SCALE}"
     if np.any(boxes[:, 2] < boxes[:, 0]) or np.any(boxes[:, 3] < boxes[:, 1]):
         return empty, f"box block {body!r} has x2 < x1 or y2 < y1"
-    return (boxes / SCALE).astype(np.float32), None
+    return boxes / SCALE, None
+
+
+def grounding_accuracy(answers, true_boxes, threshold: float = 0.5) -> dict:
+    """RefCOCO's metric: the fraction of expressions whose answer's first box has IoU >= threshold with the truth.
+
+    answers: N generated texts; true_boxes: float[N, 4] normalised xyxy. An unparsable answer counts as wrong (never
+    dropped). Returns {"acc": correct / N, "unparsable": count, "mean_iou": over parsed answers (NaN if none),
+    "iou": float32[N] (0 where unparsable), "reasons": {index: why} of the unparsable ones}.
+    """
+    true_boxes = np.asarray(true_boxes, np.float64).reshape(-1, 4)
+    if len(answers) != len(true_boxes):
+        raise ValueError(f"grounding_accuracy: {len(answers)} answers for {len(true_boxes)} true boxes")
+    iou = np.zeros(len(answers), np.float64)
+    reasons = {}
+    for i, (answer, truth) in enumerate(zip(answers, true_boxes)):
+        boxes, why = parse_boxes(answer)
+        if why is not None:
+            reasons[i] = why
+            continue
+        iou[i] = _iou(boxes[0], truth)
+    parsed = np.ones(len(answers), bool)
+    parsed[list(reasons)] = False
+    return {"acc": float(np.mean(iou >= threshold)) if len(answers) else float("nan"),
+            "unparsable": len(reasons), "mean_iou": float(iou[parsed].mean()) if parsed.any() else float("nan"),
+            "iou": iou.astype(np.float32), "reasons": reasons}
+
+
+def _iou(a, b) -> float:
+    wh = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None)
+    inter = wh[0] * wh[1]
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
