@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import pickle
 
 import numpy as np
 import PIL.Image
@@ -176,9 +178,61 @@ def test_refcoco_bad_image(tmp_path):
     assert builder.num_skipped_records == 1
 
 
-def test_refcoco_never_reads_pickles(tmp_path):
+class _Python2Pickler(pickle._Pickler):
+    """Writes text as Python 2's pickle writes its `str`: the STRING / SHORT_BINSTRING / BINSTRING opcodes of the
+    official refs(unc).p (Python 3 itself would write unicode opcodes)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        data = obj.encode("latin1")
+        if self.proto == 0:
+            self.write(pickle.STRING + repr(obj).encode("ascii") + b"\n")
+        elif len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + len(data).to_bytes(4, "little") + data)
+        self.memoize(obj)
+
+    dispatch[str] = save_py2_str
+
+
+def _python2_pickle(obj, protocol: int) -> bytes:
+    out = io.BytesIO()
+    _Python2Pickler(out, protocol=protocol).dump(obj)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_refcoco_reads_the_official_refs_pickle(tmp_path, protocol):
+    """refs(unc).p as distributed (a Python 2 pickle of plain lists and dicts: protocol 0 or 2, str as bytes) gives
+    the same records as the JSON form."""
+    _write_refcoco(tmp_path / "manual")
+    refs = json.loads((tmp_path / "manual" / "refs(unc).json").read_text())
+    from_json = _records(_prepare(refcoco.RefCoco, tmp_path / "json", tmp_path / "manual", config="refcoco"),
+                         "train")
+    (tmp_path / "manual" / "refs(unc).json").unlink()
+
+    (tmp_path / "manual" / "refs(unc).p").write_bytes(_python2_pickle(refs, protocol))
+    assert refcoco.load_refs(tmp_path / "manual" / "refs(unc).p") == refs
+    from_pickle = _records(_prepare(refcoco.RefCoco, tmp_path / "pickle", tmp_path / "manual", config="refcoco"),
+                           "train")
+    assert len(from_pickle) == len(from_json) == 2
+    for a, b in zip(from_pickle, from_json):
+        assert [_text(c) for c in a["captions"]] == [_text(c) for c in b["captions"]]
+        np.testing.assert_array_equal(a["boxes"], b["boxes"])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_refcoco_refuses_a_pickle_that_names_code(tmp_path):
     manual = tmp_path / "manual"
     _write_refcoco(manual)
-    (manual / "refs(unc).json").rename(manual / "refs(unc).p")  # only the pickle name present
-    with pytest.raises(ValueError, match="refs as JSON"):
+    (manual / "refs(unc).json").unlink()
+    (manual / "refs(unc).p").write_bytes(pickle.dumps([{"ref_id": 1, "x": _Payload()}], protocol=2))
+    with pytest.raises(ValueError, match=r"refs\(unc\)\.p refuses the object (posix|os)\.system"):
         _prepare(refcoco.RefCoco, tmp_path / "data", manual, config="refcoco")
+    assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")

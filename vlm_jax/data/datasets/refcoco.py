@@ -1,11 +1,14 @@
 """`refcoco`: RefCOCO-style referring expressions (RefCOCO, RefCOCO+, RefCOCOg), built from JSON files on disk.
 
-The usual distribution ships the refs as a Python pickle (`refs(unc).p`). Pickles can run code when loaded, so this
-builder never reads them: it reads the same refs as JSON. Expected files in `manual_dir`:
+The usual distribution ships the refs as a Python pickle (`refs(unc).p`, written by Python 2). A pickle can run code
+when loaded, so this builder reads it with a restricted unpickler that builds only plain data (lists, dicts, tuples,
+strings, numbers, booleans, None) and refuses any other object, naming it, before anything is called: the official
+download works as is. The same refs as JSON work too. Expected files in `manual_dir`:
     instances.json   COCO-format annotations: "images" [{"id", "file_name", "width", "height"}],
                      "annotations" [{"id", "image_id", "bbox": [x, y, w, h] in pixels, "category_id"}],
                      "categories" [{"id", "name"}]
-    refs.json        (or "refs(unc).json", "refs(umd).json", "refs(google).json") the list of refs:
+    refs(unc).p      (or "refs(umd).p", "refs(google).p", "refs.p", or the JSON form "refs.json",
+                     "refs(unc).json", "refs(umd).json", "refs(google).json"; JSON is preferred) the list of refs:
                      [{"ref_id", "ann_id", "image_id", "split": "train"|"val"|"test"|"testA"|"testB",
                        "sentences": [{"sent": "man on the left", "raw": "Man on the left", ...}, ...]}, ...]
     images/<file_name>  the COCO train2014 images (a `train2014/` folder is also accepted)
@@ -22,7 +25,7 @@ Records: one per image and split, holding every sentence of every ref of that im
     subjects[k]   the sentence again, references[k] the reference's category name ("" without a reference): the
                   spatial task's 'objects' query is then "the <sentence> and the <category>", with the relation
                   left for the image to tell
-Splits: "train", "validation" (refs split "val"), "test", "testA", "testB": those present in refs.json.
+Splits: "train", "validation" (refs split "val"), "test", "testA", "testB": those present in the refs.
 
 Bad records (missing or corrupt image, box outside the image, ref pointing to an unknown annotation): the build
 fails with a ValueError naming the image id and the path, unless `skip_bad_records=True`, which skips and counts
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import pickle
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -41,7 +46,32 @@ from etils import epath
 from vlm_jax.data.datasets import builder
 from vlm_jax.data.datasets import relations as rel
 
-REF_FILES = ("refs.json", "refs(unc).json", "refs(umd).json", "refs(google).json")
+REF_FILES = ("refs.json", "refs(unc).json", "refs(umd).json", "refs(google).json",
+             "refs(unc).p", "refs(umd).p", "refs(google).p", "refs.p")
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only. Lists, dicts, tuples, strings, bytes, numbers, booleans and None have opcodes of
+    their own; everything else (a class, a function, `os.system`) must be looked up through `find_class`, which is
+    refused here, so no code named by the file is ever imported or called. Python 2 byte strings are decoded as
+    latin-1 (the refs' text is ASCII)."""
+
+    def find_class(self, module: str, name: str):
+        raise ValueError(f"refuses the object {module}.{name}: only lists, dicts, strings and numbers are read "
+                         f"from a refs pickle")
+
+
+def load_refs(path: epath.Path):
+    """The refs of a JSON or pickle file (`PlainDataUnpickler`); ValueError naming the file if it is neither."""
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    try:
+        with path.open("rb") as f:
+            return PlainDataUnpickler(f, encoding="latin1").load()
+    except ValueError as e:
+        raise ValueError(f"refcoco: {os.fspath(path)} {e}") from e
+    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"refcoco: {os.fspath(path)} is not a readable refs pickle ({e!r:.200})") from e
 SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test", "testA": "testA", "testB": "testB"}
 IMAGE_DIRS = ("images", "train2014", "")
 
@@ -84,9 +114,9 @@ class RefCoco(builder.ManualBuilder):
 
     def _split_generators(self, dl_manager):
         instances = json.loads(self._manual_file(dl_manager, ("instances.json",), "COCO instances").read_text())
-        refs = json.loads(self._manual_file(dl_manager, REF_FILES, "the refs as JSON").read_text())
+        refs = load_refs(self._manual_file(dl_manager, REF_FILES, "the refs (pickle or JSON)"))
         if not isinstance(refs, list):
-            raise ValueError(f"refcoco: the refs file must hold a JSON list of refs, got {type(refs).__name__}")
+            raise ValueError(f"refcoco: the refs file must hold a list of refs, got {type(refs).__name__}")
         root = epath.Path(dl_manager.manual_dir)
         images = {int(im["id"]): im for im in instances["images"]}
         self._categories = {int(c["id"]): str(c["name"]) for c in instances.get("categories", [])}
