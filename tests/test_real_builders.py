@@ -178,6 +178,24 @@ def test_refcoco_bad_image(tmp_path):
     assert builder.num_skipped_records == 1
 
 
+def test_refcoco_checks_the_referred_box_not_unrelated_ones(tmp_path):
+    manual = tmp_path / "manual"
+    instances, _ = _write_refcoco(manual)
+    # An unrelated zero-width box on image 1, larger than every other: it must not fail the image nor be the
+    # reference (the largest valid other object, annotation 12, stays the reference).
+    instances["annotations"].append({"id": 14, "image_id": 1, "bbox": [0.0, 0.0, 0.0, 80.0], "category_id": 2})
+    (manual / "instances.json").write_text(json.dumps(instances))
+    built = _records(_prepare(refcoco.RefCoco, tmp_path / "ok", manual, config="refcoco"), "train")
+    ann12 = _xyxy([50.0, 5.0, 45.0, 70.0], 100, 80)
+    np.testing.assert_allclose(built[0]["reference_boxes"][0], ann12, rtol=1e-6)
+    # The same bad box referred to: the build names it.
+    instances["annotations"][-1]["id"] = 11  # replaces the referred annotation 11 of ref 1
+    instances["annotations"] = [a for a in instances["annotations"] if a["id"] != 11 or a["bbox"][2] == 0.0]
+    (manual / "instances.json").write_text(json.dumps(instances))
+    with pytest.raises(ValueError, match=r"image_id=1 .*annotation 11: bbox \[0\.0, 0\.0, 0\.0, 80\.0\] is empty"):
+        _prepare(refcoco.RefCoco, tmp_path / "bad", manual, config="refcoco")
+
+
 class _Python2Pickler(pickle._Pickler):
     """Writes text as Python 2's pickle writes its `str`: the STRING / SHORT_BINSTRING / BINSTRING opcodes of the
     official refs(unc).p (Python 3 itself would write unicode opcodes)."""

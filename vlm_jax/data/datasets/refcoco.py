@@ -27,7 +27,8 @@ Records: one per image and split, holding every sentence of every ref of that im
                   left for the image to tell
 Splits: "train", "validation" (refs split "val"), "test", "testA", "testB": those present in the refs.
 
-Bad records (missing or corrupt image, box outside the image, ref pointing to an unknown annotation): the build
+Bad records (missing or corrupt image, a referred box empty or outside the image, ref pointing to an unknown
+annotation; an unrelated annotation's bad box is only left out of the reference candidates): the build
 fails with a ValueError naming the image id and the path, unless `skip_bad_records=True`, which skips and counts
 them (`builder.num_skipped_records`, per split in `builder.info.metadata["skipped_records"]`).
 """
@@ -89,9 +90,10 @@ def _box_xywh_to_xyxy_normalised(bbox, width: int, height: int, what: str) -> li
 class RefCoco(builder.ManualBuilder):
     """Referring expressions with the referred object's box and a derived spatial relation."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "First version.",
-                     "1.1.0": "subjects and references (the sentence, the reference's category) per sentence."}
+                     "1.1.0": "subjects and references (the sentence, the reference's category) per sentence.",
+                     "1.2.0": "refs(unc).p read (plain data only); an unrelated bad box no longer fails its image."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
     # The configs differ only in name (the files in manual_dir decide the content), so that the three datasets
     # get separate data directories.
@@ -161,12 +163,19 @@ class RefCoco(builder.ManualBuilder):
                     root / IMAGE_DIRS[0] / file_name)
         width, height = int(meta["width"]), int(meta["height"])
         image = builder.read_image(path, what)
-        boxes_by_ann = {int(a["id"]): _box_xywh_to_xyxy_normalised(a["bbox"], width, height,
-                                                                   f"{what} annotation {a['id']}")
-                        for a in anns_by_image[image_id]}
+        # Only a referred annotation must be valid; an unrelated bad box (COCO has a few) just cannot be a reference.
+        boxes_by_ann, bad_boxes = {}, {}
+        for a in anns_by_image[image_id]:
+            try:
+                boxes_by_ann[int(a["id"])] = _box_xywh_to_xyxy_normalised(a["bbox"], width, height,
+                                                                          f"{what} annotation {a['id']}")
+            except ValueError as e:
+                bad_boxes[int(a["id"])] = e
         captions, boxes, ref_boxes, labels, has_rel, ref_ids, names = [], [], [], [], [], [], []
         for ref in sorted(refs, key=lambda r: int(r["ref_id"])):
             ann_id = int(ref["ann_id"])
+            if ann_id in bad_boxes:
+                raise bad_boxes[ann_id]
             if ann_id not in boxes_by_ann:
                 raise ValueError(f"{what}: ref {ref['ref_id']} points to annotation {ann_id}, which is not an "
                                  f"annotation of this image in instances.json")
