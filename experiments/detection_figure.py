@@ -1,4 +1,4 @@
-"""The README's detection figure and figures: a trained configs/tiny_detection.py run on a split.
+"""The README's detection figure and metrics: a trained configs/tiny_detection.py run on a split.
 
     python -m vlm_jax.main --config configs/tiny_detection.py --workdir /tmp/vlm_jax_detection
     python experiments/detection_figure.py --workdir /tmp/vlm_jax_detection \
@@ -6,7 +6,8 @@
 
 Restores the latest checkpoint with its saved config, runs the eval step over the split, prints one JSON line with
 the detection metrics (class-agnostic and per class) next to the constant-box baseline, and draws the first
-NUM_SHOWN images: true boxes green, detections with objectness >= 0.5 magenta, the predicted class names below.
+NUM_SHOWN images as the task's TensorBoard pictures: true boxes green, detections with objectness >= 0.5
+magenta, the predicted class names below.
 """
 
 from __future__ import annotations
@@ -42,19 +43,7 @@ def main() -> None:
                       int(len(np.unique(collected["image_id"]))), **{k: round(v, 4) for k, v in metrics.items()}}))
 
     examples = eval_pictures.EvalExamples.load(config.data, args.split, collected["image_id"], num_rows=2 * NUM_SHOWN)
-    images = task.images(collected)
-    row_ids = np.asarray(collected["image_id"])[: len(examples.images)]
-    pictures = []
-    for row, image_id in enumerate(row_ids):
-        if image_id in row_ids[:row] or len(pictures) == NUM_SHOWN:
-            continue
-        i = int(np.nonzero(images["image_id"] == image_id)[0][0])
-        keep = images["scores"][i] >= 0.5
-        names = ", ".join(task.classes[c] for c in images["labels"][i][keep]) if task.classes else ""
-        pictures.append(eval_pictures.boxes_picture(examples.images[row], names or f"{int(keep.sum())} detections",
-                                                    images["gt_boxes"][i][images["gt_valid"][i]],
-                                                    images["boxes"][i][keep]))
-    grid = eval_pictures.stack(pictures)  # [N, H, W, 3]
+    grid = task.eval_pictures(collected, examples)["detections"][:NUM_SHOWN]  # [N, H, W, 3], the TensorBoard pictures
     rows = [np.concatenate(list(grid[k:k + 4]), axis=1) for k in range(0, len(grid), 4)]
     pathlib.Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows, axis=0)).save(args.output)

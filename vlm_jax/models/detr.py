@@ -76,8 +76,9 @@ class DecoderLayer(nnx.Module):
         self.mlp_out = layers.Linear(mlp_dim, width, ("mlp", "embed"), rngs=rngs)
 
     def __call__(self, x, query_pos, memory, memory_mask):
-        h = self.self_norm(x) + query_pos  # the positions tell identical queries apart
-        x = x + self.self_attention(h, h, self.self_norm(x), deterministic=True)
+        normed = self.self_norm(x)
+        h = normed + query_pos  # the positions tell identical queries apart
+        x = x + self.self_attention(h, h, normed, deterministic=True)
         cross_mask = memory_mask[:, None, None, :]  # [B, heads, Q, M]
         x = x + self.cross_attention(self.cross_norm(x) + query_pos, memory, memory, mask=cross_mask,
                                      deterministic=True)

@@ -184,6 +184,8 @@ class DetectionTask(Task):
         return out
 
     def eval_pictures(self, collected, examples):
+        """One picture per image among the examples' rows: true boxes, detections with objectness >= 0.5 and their
+        predicted classes."""
         from vlm_jax import eval_pictures
 
         im = self.images(collected)
@@ -194,8 +196,9 @@ class DetectionTask(Task):
                 continue
             i = int(np.nonzero(im["image_id"] == image_id)[0][0])
             keep = im["scores"][i] >= 0.5
+            names = ", ".join(self.classes[c] for c in im["labels"][i][keep]) if self.classes else ""
             pictures.append(eval_pictures.boxes_picture(
-                examples.images[row], f"{int(keep.sum())} detections (score >= 0.5)",
+                examples.images[row], names or f"{int(keep.sum())} detections (score >= 0.5)",
                 im["gt_boxes"][i][im["gt_valid"][i]], im["boxes"][i][keep], "green true, magenta predicted"))
         return {"detections": eval_pictures.stack(pictures)} if pictures else {}
 
