@@ -101,10 +101,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.template = "plain"  # chat template the model was trained with: "plain" | "internvl2_5"
     c.data.max_text_length = 24
     c.data.max_prompt_length = -1  # -1 = num_image_tokens * max tiles + max_text_length + 16
-    c.data.eval_dynamic_tiles = False
+    # InternVL dynamic resolution, in training and evaluation: 1 = the whole image as one tile; > 1 = min_tiles to
+    # max_tiles tiles chosen by aspect ratio (+ a thumbnail).
     c.data.min_tiles = 1
-    c.data.max_tiles = 6
+    c.data.max_tiles = 1
     c.data.use_thumbnail = True
+    c.data.tile_budget = 0.0  # tiles per image a batch may hold on average (0 = max_tiles + thumbnail: no re-tiling)
+    c.data.tile_buckets = 4  # tile-array sizes (and prompt lengths) a batch is padded to: compiled step shapes
 
     c.optim = ml_collections.ConfigDict()
     # Ordered (regex over '/'-joined parameter paths, group); first full match wins; 'frozen' = not trained.

@@ -1,6 +1,7 @@
 """grain pipeline: contract fields, determinism, exact resume (also through orbax), process shards, truncation,
 inputs taken from the model config."""
 
+import io
 import json
 import os
 import subprocess
@@ -57,10 +58,14 @@ def test_batch_fields_follow_the_contract(config, records):
     it = _train(config)
     builder = pipeline.make_prompt_builder(config, INPUTS)
     tokenizer = builder.tokenizer
-    lp = pipeline.prompt_length(config, INPUTS, train=True)
-    assert lp == 3 + 24 + 16  # num_image_tokens + max_text_length + template allowance
+    limit = pipeline.prompt_length(config, INPUTS)
+    assert limit == 3 + 24 + 16  # num_image_tokens + max_text_length + template allowance
     for batch in _take(it, 3):
-        expected = {"image": ((4, 16, 16, 3), np.float32), "image_id": ((4,), np.int32),
+        lp = batch["prompt_ids"].shape[1]
+        assert lp <= limit and lp % 8 == 0 or lp == limit
+        expected = {"tiles": ((4, 16, 16, 3), np.float32), "tile_regions": ((4, 4), np.float32),
+                    "row_tiles": ((4, 1), np.int32), "num_tiles": ((4,), np.int32), "image_id": ((4,), np.int32),
+                    "image_aspect": ((4,), np.float32),
                     "text_ids": ((4, 24), np.int32), "text_mask": ((4, 24), np.int32),
                     "prompt_ids": ((4, lp), np.int32), "prompt_mask": ((4, lp), np.int32),
                     "box": ((4, 4), np.float32), "has_box": ((4,), np.bool_),
@@ -71,9 +76,11 @@ def test_batch_fields_follow_the_contract(config, records):
                     "scene_boxes": ((4, 4, 4), np.float32), "query_ids": ((4, 24), np.int32),
                     "query_mask": ((4, 24), np.int32)}
         assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+        np.testing.assert_array_equal(batch["row_tiles"][:, 0], np.arange(4))  # one tile per image, in row order
+        np.testing.assert_array_equal(batch["tile_regions"], np.tile([[0.0, 0.0, 1.0, 1.0]], (4, 1)))
         for i in range(4):
             record = records[int(batch["image_id"][i])]
-            np.testing.assert_allclose(batch["image"][i], preprocess.single_tile(record["image"], 16), atol=1e-6)
+            np.testing.assert_allclose(batch["tiles"][i], preprocess.single_tile(record["image"], 16), atol=1e-6)
             n = batch["text_mask"][i].sum()
             assert (batch["text_mask"][i][:n] == 1).all() and (batch["text_mask"][i][n:] == 0).all()
             ids = batch["text_ids"][i][:n]
@@ -194,18 +201,105 @@ def test_truncation_is_counted_and_never_cuts_the_image_block(config, records):
     assert it.stats["truncated_prompts"] == want_prompt
 
 
-def test_eval_dynamic_tiles(config, records):
-    config = config.copy_and_resolve_references()
-    config.eval_dynamic_tiles = True
-    config.max_tiles = 4
-    batch = next(pipeline.make_iterator(config, INPUTS, split="validation", train=False, global_batch_size=4,
-                                        seed=0, shard_index=0, shard_count=1))
-    assert batch["image"].shape == (4, 5, 16, 16, 3) and batch["num_tiles"].dtype == np.int32
+WIDE = dict(image_size=32, num_train=12, num_validation=6, num_test=2, aspect_ratios=(2.0, 0.5, 1.0))
+
+
+@pytest.fixture(scope="module")
+def wide_config(tmp_path_factory):
+    """Non-square images (64x32, 32x64, 32x32) tiled into up to 4 tiles of 16 px + a thumbnail."""
+    return data_config(data_dir=str(tmp_path_factory.mktemp("tfds_wide")), builder_config="", builder_params=WIDE,
+                       max_tiles=4)
+
+
+def _grid_regions(cols, rows):
+    return [[c / cols, r / rows, (c + 1) / cols, (r + 1) / rows] for r in range(rows) for c in range(cols)]
+
+
+def _check_rows(batch, source_by_id, max_tiles):
+    """Every row's tiles are InternVL's dynamic tiles of its image, with their regions, and its prompt holds one
+    <IMG_CONTEXT> run of tokens_per_tile x tiles; padding tiles are zero and never referenced."""
     context = INPUTS.tokenizer.convert_tokens_to_ids(tok.IMG_CONTEXT)
-    for i in range(4):
+    used = set()
+    for i in range(len(batch["image_id"])):
+        image = PIL.Image.open(io.BytesIO(source_by_id[int(batch["image_id"][i])]["image"]))
         n = int(batch["num_tiles"][i])
+        want = preprocess.dynamic_tiles(image, 16, 1, max_tiles, True)
+        assert n == len(want) == preprocess.num_tiles(image.width, image.height, 16, 1, max_tiles)
+        index = batch["row_tiles"][i, :n]
+        assert (batch["row_tiles"][i, n:] == -1).all()
+        np.testing.assert_allclose(batch["tiles"][index], want, atol=1e-6)
+        cols, rows = preprocess.choose_grid(image.width, image.height, 16, 1, max_tiles)
+        regions = _grid_regions(cols, rows) + ([[0.0, 0.0, 1.0, 1.0]] if n > 1 else [])
+        np.testing.assert_allclose(batch["tile_regions"][index], regions, atol=1e-6)
+        assert batch["image_aspect"][i] == np.float32(image.width / image.height)
         assert (batch["prompt_ids"][i] == context).sum() == 3 * n
-        assert not batch["image"][i, n:].any()
+        used.update(index.tolist())
+    unused = sorted(set(range(len(batch["tiles"]))) - used)
+    assert not batch["tiles"][unused].any()
+    return used
+
+
+def _records(data_config, split):
+    _, source = pipeline.load_source(data_config, split)
+    return {int(r["image_id"]): r for r in (source[i] for i in range(len(source)))}
+
+
+@pytest.fixture(scope="module")
+def wide_records(wide_config):
+    return _records(wide_config, "train")
+
+
+def test_dynamic_tiles_in_training(wide_config, wide_records):
+    it = _train(wide_config, global_batch_size=4, tile_multiple=2)
+    sizes = pipeline.bucket_sizes(4 * 5, 4, 2)  # budget: 4 images x (4 tiles + thumbnail)
+    counts, real, padding = set(), 0, 0
+    for batch in _take(it, 6):
+        used = _check_rows(batch, wide_records, 4)
+        assert len(batch["tiles"]) in sizes and len(batch["tiles"]) >= len(used)
+        counts.update(batch["num_tiles"].tolist())
+        real += int(batch["num_tiles"].sum())
+        padding += len(batch["tiles"]) - int(batch["num_tiles"].sum())
+    assert counts == {3, 5}  # 2x1 and 1x2 grids + thumbnail; square images take 2x2 + thumbnail
+    assert it.stats["retiled_images"] == 0
+    assert (it.stats["tiles"], it.stats["padding_tiles"]) == (real, padding)
+
+
+def test_tile_budget_retiles_the_largest_images(wide_config, wide_records):
+    """A budget of 2 tiles per image: batches over it re-tile their largest image with the next smaller grid
+    (counted), never truncate; the prompts follow the final tile counts."""
+    c = wide_config.copy_and_resolve_references()
+    c.tile_budget = 2.0
+    it = _train(c, global_batch_size=4)
+    context = INPUTS.tokenizer.convert_tokens_to_ids(tok.IMG_CONTEXT)
+    retiled_rows = 0
+    for batch in _take(it, 6):
+        assert batch["num_tiles"].sum() <= 8 and len(batch["tiles"]) in pipeline.bucket_sizes(8, 4)
+        for i in range(4):
+            image = PIL.Image.open(io.BytesIO(wide_records[int(batch["image_id"][i])]["image"]))
+            n = int(batch["num_tiles"][i])
+            full = preprocess.num_tiles(image.width, image.height, 16, 1, 4)
+            if n < full:  # re-tiled: InternVL's tiling with fewer tiles allowed
+                retiled_rows += 1
+                grid = n - 1 if n > 1 else 1
+                np.testing.assert_allclose(batch["tiles"][batch["row_tiles"][i, :n]],
+                                           preprocess.dynamic_tiles(image, 16, 1, grid, True), atol=1e-6)
+            assert (batch["prompt_ids"][i] == context).sum() == 3 * n
+    assert retiled_rows > 0 and it.stats["retiled_images"] >= retiled_rows
+
+
+def test_eval_rows_of_an_image_share_its_tiles(wide_config):
+    batches = list(pipeline.make_iterator(wide_config, INPUTS, split="validation", train=False, global_batch_size=6,
+                                          seed=0, shard_index=0, shard_count=1))
+    records = _records(wide_config, "validation")
+    for batch in batches:
+        _check_rows(batch, records, 4)
+        ids = batch["image_id"]
+        for i in range(len(ids)):
+            for j in range(len(ids)):
+                same = (batch["row_tiles"][i] == batch["row_tiles"][j]).all()
+                assert same == (ids[i] == ids[j])  # each image's tiles once per batch
+        distinct = {int(k): int(n) for k, n in zip(ids, batch["num_tiles"])}
+        assert len(batch["tiles"]) >= sum(distinct.values())
 
 
 def test_worker_processes_give_the_same_batches(config):
@@ -295,7 +389,7 @@ def test_pipeline_runs_without_tensorflow(tmp_path):
         inputs = pipeline.ModelInputs(tokenizer.make_tokenizer("demo"), image_size=32, num_image_tokens=4)
         it = pipeline.make_iterator(c, inputs, split="train", train=True, global_batch_size=4, seed=0,
                                     shard_index=0, shard_count=1)
-        assert next(it)["image"].shape == (4, 32, 32, 3)
+        assert next(it)["tiles"].shape == (4, 32, 32, 3)
         assert not any(m.split(".")[0] == "tensorflow" for m in sys.modules)
         print("ok")
     """)

@@ -112,3 +112,53 @@ def test_bfloat16_checkpoint_loads_into_requested_dtype(tmp_path):
     out = bf16(pixel_values=px, input_ids=ids, attention_mask=mask)
     assert out.hidden.dtype == jnp.bfloat16 and out.logits.dtype == jnp.float32  # logits accumulated in float32
     assert rel_err(out.logits, ref, mask) < 0.05  # bf16 compute: loose bound, catches layout bugs
+
+
+def _image_prompt_batch(ckpt, tiles_per_row, padding, seed):
+    """Rows `text <img> <IMG_CONTEXT> x (num_image_tokens * tiles) </img> text`, padded to one length.
+
+    -> (input_ids int64[B, T], attention_mask int64[B, T]); row b's image block covers all its tiles.
+    """
+    rng = np.random.default_rng(seed)
+    img, img_end = ckpt.vocab_size - 3, ckpt.vocab_size - 2
+    rows = []
+    for n in tiles_per_row:
+        ids = list(rng.integers(0, ckpt.vocab_size - 3, size=3))
+        ids += [img] + [ckpt.image_token_id] * (ckpt.num_image_tokens * n) + [img_end]
+        ids += list(rng.integers(0, ckpt.vocab_size - 3, size=2))
+        rows.append(ids)
+    length = max(len(r) for r in rows) + 2  # every row gets some padding
+    ids = np.zeros((len(rows), length), np.int64)
+    mask = np.zeros((len(rows), length), np.int64)
+    for b, r in enumerate(rows):
+        span = slice(length - len(r), length) if padding == "left" else slice(0, len(r))
+        ids[b, span], mask[b, span] = r, 1
+    return ids, mask
+
+
+def test_mixed_tile_counts_in_one_batch_match_transformers_and_solo_rows(ckpts):
+    """A 1-tile and a 7-tile image (3x2 grid + thumbnail from `dynamic_tiles`) in one batch: logits equal
+    transformers' on the valid positions, and each row equals that row run alone (no image leakage across rows)."""
+    from vlm_jax.data import preprocess
+
+    ckpt = ckpts["transformers"]
+    model = vlm_jax.load_pretrained(ckpt.path)
+    s, max_tiles = ckpt.image_size, 6
+    rng = np.random.default_rng(7)
+    square = rng.integers(0, 256, size=(s, s, 3), dtype=np.uint8)
+    wide = rng.integers(0, 256, size=(2 * s, 3 * s, 3), dtype=np.uint8)  # H x W = 64 x 96: aspect 3:2
+    counts = [preprocess.num_tiles(a.shape[1], a.shape[0], image_size=s, max_tiles=max_tiles) for a in (square, wide)]
+    assert counts == [1, 7]
+    tiles = [preprocess.dynamic_tiles(a, image_size=s, max_tiles=max_tiles) for a in (square, wide)]
+    assert [t.shape for t in tiles] == [(1, s, s, 3), (7, s, s, 3)]
+    px = np.concatenate(tiles, axis=0)  # row order: row 0's tile, then row 1's 7 tiles
+    assert px.dtype == np.float32 and px.shape == (8, s, s, 3)
+    for padding in ("left", "right"):
+        ids, mask = _image_prompt_batch(ckpt, counts, padding, seed=7)
+        ref = fixtures.torch_logits(ckpt, px, ids, mask)  # NCHW for torch
+        out = np.asarray(model(pixel_values=px, input_ids=ids, attention_mask=mask).logits)
+        assert out.shape == ref.shape
+        assert rel_err(out, ref, mask) <= RTOL, padding
+        for b, row_px in enumerate(tiles):
+            solo = np.asarray(model(pixel_values=row_px, input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits)
+            assert rel_err(solo, out[b:b + 1], mask[b:b + 1]) <= RTOL, (padding, b)

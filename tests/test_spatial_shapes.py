@@ -1,5 +1,6 @@
 """spatial_shapes builder: schema, label balance, boxes and labels checked against the drawn pixels, determinism."""
 
+import hashlib
 import io
 
 import numpy as np
@@ -159,3 +160,141 @@ def test_config_validation():
         ss.make_config(image_size=16)
     assert ss.make_config(image_size=64).name != ss.make_config(image_size=96).name
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-square images (`aspect_ratios`).
+
+ASPECT = dict(image_size=64, num_train=30, num_validation=3, num_test=3, aspect_ratios=(2.0, 0.5, 1.0))
+EXPECTED_SHAPES = {2.0: (64, 128), 0.5: (128, 64), 1.0: (64, 64)}  # ratio -> (height, width)
+
+
+def _digest(config, n=4):
+    """sha256 over the raw records (pixels, not PNG bytes) of the first `n` train and test images."""
+    h = hashlib.sha256()
+    for split in ("train", "test"):
+        for i in range(n):
+            ex = ss.generate_example(config, split, i)
+            for key in sorted(ex):
+                v = ex[key]
+                h.update(key.encode())
+                h.update(np.ascontiguousarray(v).tobytes() if isinstance(v, np.ndarray) else repr(v).encode())
+    return h.hexdigest()
+
+
+def test_square_default_output_unchanged(built):
+    """aspect_ratios=() is the square builder as it was before the option existed: same config names, same
+    feature shape and the same records. The digests were computed with the builder before aspect_ratios (git
+    HEAD cc73294's spatial_shapes.py); if a Pillow or NumPy upgrade alone changes them (shape rasterisation, rng
+    streams), re-pin them, but never because of a change to this module."""
+    assert ss.SpatialShapesConfig(name="x").aspect_ratios == ()
+    assert ss.make_config(**TINY).name == "s64_n40-12-12_k2_o2-4_p50_seed0"
+    assert ss.make_config(aspect_ratios=(), **TINY).name == ss.make_config(**TINY).name
+    assert ss.make_config().name == "s224_n4000-500-500_k2_o2-4_p50_seed0"
+    assert built.info.features["image"].shape == (64, 64, 3)
+    assert _digest(ss.make_config(**TINY)) == "30619fbb73efeb40c72f38a7b19be1dd7993d05b3f4188147fc76b974c16a24c"
+    assert _digest(ss.make_config()) == "817de08acdcb8cead8b7f11809a5b1180ea401c722add12d7d824c75f8409694"
+    # 320 px: the size where the background's cell count is not simply ceil(side / cell side).
+    assert _digest(ss.make_config(image_size=320), n=1) == (
+        "5322931a1bd5b7fa617edeef12cd7b9088c516e450691bd6d8ec1f5a21bd3af9")
+    # The built files hold the same records as generate_example (PNG-encoded pixels).
+    for i, r in enumerate(_records(built, "test")[:4]):
+        ex = ss.generate_example(built.builder_config, "test", i)
+        np.testing.assert_array_equal(np.asarray(PIL.Image.open(io.BytesIO(r["image"]))), ex["image"])
+        assert [_text(c) for c in r["captions"]] == ex["captions"]
+        np.testing.assert_array_equal(r["object_boxes"], ex["object_boxes"])
+
+
+@pytest.fixture(scope="module")
+def built_aspect(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("ss_aspect"), **ASPECT)
+
+
+def test_aspect_ratio_images_boxes_and_relations(built_aspect):
+    """Sizes follow the drawn ratio (short side image_size), every ratio occurs; stored boxes are the objects'
+    pixel boxes divided by (W, H); each caption's relation holds for the pixel boxes, with a clear direction."""
+    assert built_aspect.builder_config.name.endswith("_a2-0.5-1")
+    assert built_aspect.info.features["image"].shape == (None, None, 3)
+    shapes, checked, objects_checked = [], 0, 0
+    beyond = {"x": 0, "y": 0}  # objects past the short side along a wide (x) or tall (y) image's long side
+    for r in _records(built_aspect):
+        image = np.asarray(PIL.Image.open(io.BytesIO(r["image"])))
+        height, width = image.shape[:2]
+        shapes.append((height, width))
+        scale = np.array([width, height, width, height], np.float64)
+        names = [_text(n) for n in r["object_names"]]
+        colours = [n.split()[0] for n in names]
+
+        def pixel_box(name):  # exclusive right / bottom edge, in pixels
+            colour = name.split()[0]
+            if colours.count(colour) != 1:
+                return None
+            rows, cols = np.nonzero((image == np.asarray(ss.COLOURS[colour], np.uint8)).all(-1))
+            return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], np.float64)
+
+        for name, box in zip(names, r["object_boxes"]):
+            pbox = pixel_box(name)
+            if pbox is not None:
+                np.testing.assert_allclose(box, pbox / scale, atol=1e-6)
+                # Sizes are fractions of the short side (64 px), not of the long side.
+                assert max(pbox[2] - pbox[0], pbox[3] - pbox[1]) <= round(0.55 * 64) + 1, (name, pbox)
+                objects_checked += 1
+                beyond["x"] += bool(pbox[2] > 64)  # positions cover the long side too
+                beyond["y"] += bool(pbox[3] > 64)
+        for box, ref_box, label, subject, reference in zip(r["boxes"], r["reference_boxes"], r["relations"],
+                                                           r["subjects"], r["references"]):
+            s, t = np.asarray(box, np.float64) * scale, np.asarray(ref_box, np.float64) * scale  # pixels
+            sbox, rbox = pixel_box(_text(subject)), pixel_box(_text(reference))
+            if sbox is not None and rbox is not None:
+                np.testing.assert_allclose(s, sbox, atol=1e-3)
+                np.testing.assert_allclose(t, rbox, atol=1e-3)
+            within = lambda a, b: a[0] >= b[0] and a[1] >= b[1] and a[2] <= b[2] and a[3] <= b[3]
+            name = rel.RELATIONS[label]
+            if name == "inside":
+                assert within(s, t)
+            elif name == "outside":
+                assert within(t, s)
+            else:
+                assert not within(s, t) and not within(t, s)
+                dx = (s[0] + s[2] - t[0] - t[2]) / 2
+                dy = (s[1] + s[3] - t[1] - t[3]) / 2
+                assert max(abs(dx), abs(dy)) >= rel.CLEAR_AXIS_MARGIN * min(abs(dx), abs(dy))  # no near-ties
+                expected = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("below" if dy > 0 else "above")
+                assert name == expected, (name, s, t, (height, width))
+            checked += 1
+    assert set(shapes) == set(EXPECTED_SHAPES.values())  # every ratio occurs, and only those sizes
+    assert checked == 2 * ASPECT["num_train"] and objects_checked >= 60
+    assert min(beyond.values()) >= 5, beyond
+
+
+def test_aspect_ratio_draws_are_seeded_and_use_pixel_geometry():
+    config = ss.make_config(**ASPECT)
+    examples = [ss.generate_example(config, "validation", i) for i in range(150)]
+    again = ss.generate_example(config, "validation", 7)
+    np.testing.assert_array_equal(again["image"], examples[7]["image"])
+    counts = {s: sum(ex["image"].shape[:2] == s for ex in examples) for s in EXPECTED_SHAPES.values()}
+    assert all(25 <= c <= 75 for c in counts.values()), counts  # uniform over 3 ratios: 50 each expected
+    # Labels come from the pixel geometry: on non-square images |dx| vs |dy| in normalised units sometimes picks
+    # the other axis (which is why captions' truth must be judged in pixels).
+    disagree = 0
+    for ex in examples:
+        height, width = ex["image"].shape[:2]
+        scale = np.array([width, height, width, height])
+        for box, ref_box, label in zip(ex["boxes"], ex["reference_boxes"], ex["relations"]):
+            assert rel.relation_from_boxes(box * scale, ref_box * scale) == label
+            disagree += rel.relation_from_boxes(box, ref_box) != label
+    assert disagree > 0
+
+
+def test_aspect_ratio_shapes_names_and_validation():
+    assert ss.image_shape(64, None) == ss.image_shape(64, 1.0) == (64, 64)
+    assert ss.image_shape(64, 2.0) == (64, 128) and ss.image_shape(64, 0.5) == (128, 64)
+    assert ss.image_shape(50, 1.5) == (50, 75) and ss.image_shape(32, 4.0) == (32, 128)
+    config = ss.make_config(aspect_ratios=[1, 2, 0.5], **TINY)  # a list or ints from a config file are fine
+    assert config.aspect_ratios == (1.0, 2.0, 0.5)
+    assert config.name == "s64_n40-12-12_k2_o2-4_p50_seed0_a1-2-0.5"
+    assert ss.make_config(aspect_ratios=(0.5, 2), **TINY).name.endswith("_a0.5-2")  # order matters: it is kept
+    assert ss.make_config(aspect_ratios=(4 / 3,), **TINY).name.endswith("_a1.3333333333333333")
+    for bad in [(0.0,), (-1.0,), (float("inf"),), (float("nan"),), (4.5,), (1.0, 0.2), ("2",), (True,), 2.0, "2"]:
+        with pytest.raises(ValueError, match="aspect_ratios"):
+            ss.make_config(aspect_ratios=bad, **TINY)

@@ -26,7 +26,8 @@ Rules for (image i, caption j), first match wins:
 Batch fields (written by the pipeline, `vlm_jax.data.pipeline`): caption_key int32[B] (`text_key` of the caption),
 subject_key, reference_key int32[B] (`text_key` of the named objects, -1 when absent), relation int32[B],
 has_relation bool[B], scene_keys int32[B, N] (the image's objects, -1 padding; N = 0 without scene knowledge),
-scene_boxes float32[B, N, 4] (normalised xyxy).
+scene_boxes float32[B, N, 4] (normalised xyxy), image_aspect float32[B] (width / height: directions are judged in
+the image's own proportions, so boxes are scaled back before comparing offsets along x and y).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from vlm_jax.data.datasets import relations as rel
 FALSE, TRUE, AMBIGUOUS = 0, 1, 2
 NO_KEY = -1
 CAPTION_FIELDS = ("caption_key", "subject_key", "reference_key", "relation", "has_relation")
-SCENE_FIELDS = ("scene_keys", "scene_boxes")
+SCENE_FIELDS = ("scene_keys", "scene_boxes", "image_aspect")
 
 
 def normalise_text(text: str) -> str:
@@ -91,7 +92,8 @@ def _object_box(scene_keys, scene_boxes, key):
 def truth_matrix(images: Mapping, captions: Mapping, own_text=None):
     """int32[I, T]: truth of caption t for image i (TRUE / AMBIGUOUS / FALSE).
 
-    images: image_id int[I], and optionally scene_keys int[I, N], scene_boxes float[I, N, 4].
+    images: image_id int[I], and optionally scene_keys int[I, N], scene_boxes float[I, N, 4] and image_aspect
+    float[I] (width / height; 1 when absent).
     captions: image_id int[T], and optionally the `CAPTION_FIELDS`.
     own_text: optional bool[I, T], caption t's text equals one of image i's captions (rule 2).
     Works on numpy or jax arrays (inside or outside jit).
@@ -102,8 +104,12 @@ def truth_matrix(images: Mapping, captions: Mapping, own_text=None):
     scene_keys = images.get("scene_keys")
     if scene_keys is None or scene_keys.shape[-1] == 0 or "subject_key" not in captions:
         return truth.astype(jnp.int32)
-    has_s, box_s = _object_box(scene_keys, images["scene_boxes"], captions["subject_key"])
-    has_r, box_r = _object_box(scene_keys, images["scene_boxes"], captions["reference_key"])
+    boxes = jnp.asarray(images["scene_boxes"], jnp.float32)
+    if images.get("image_aspect") is not None:  # x in units of the image height, like y
+        aspect = jnp.asarray(images["image_aspect"], jnp.float32)[:, None, None]
+        boxes = boxes * jnp.concatenate([aspect, jnp.ones_like(aspect)] * 2, axis=-1)
+    has_s, box_s = _object_box(scene_keys, boxes, captions["subject_key"])
+    has_r, box_r = _object_box(scene_keys, boxes, captions["reference_key"])
     stated = captions["has_relation"].astype(bool) & (captions["subject_key"] != NO_KEY) & (
         captions["reference_key"] != NO_KEY)  # [T]
     known = jnp.any(scene_keys != NO_KEY, axis=-1)  # [I]

@@ -96,6 +96,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
          f"tasks.detection needs a dataset that lists every object of an image ({', '.join(objects)}); "
          f"data.name={config.data.name!r} has none")
     need(0 <= rate < 1, f"lora.dropout={rate}: expected a rate in [0, 1)")
+    data = config.data
+    need(1 <= int(data.min_tiles) <= int(data.max_tiles),
+         f"data.min_tiles={data.min_tiles}, data.max_tiles={data.max_tiles}: expected 1 <= min_tiles <= max_tiles")
+    need(float(data.tile_budget) == 0 or float(data.tile_budget) >= 1,
+         f"data.tile_budget={data.tile_budget}: expected 0 (no limit) or >= 1 tile per image")
+    need(int(data.tile_buckets) >= 1, f"data.tile_buckets={data.tile_buckets}: expected >= 1")
     if ckpt.best_metric and not unknown:
         problem = _metric_problem(config, {k: tasks.TASKS[k] for k in config.tasks.keys()})
         need(problem is None, problem or "")

@@ -123,11 +123,13 @@ DESCRIPTIONS: dict[str, str] = {
     "data.template": "chat template of prompt_ids ('lm' fusion, generation): 'plain' (tiny models) | 'internvl2_5'",
     "data.max_text_length": "caption tokens incl. EOS (text_ids length); longer captions are truncated and counted",
     "data.max_prompt_length": "prompt_ids length; -1 = tokens per tile * tiles + max_text_length + 16",
-    "data.eval_dynamic_tiles": "evaluate on InternVL dynamic tiles "
-                               "(min_tiles..max_tiles + thumbnail); training: one tile",
-    "data.min_tiles": "eval_dynamic_tiles: fewest tiles per image",
-    "data.max_tiles": "eval_dynamic_tiles: most tiles per image",
-    "data.use_thumbnail": "eval_dynamic_tiles with max_tiles > 1: add a whole-image thumbnail tile",
+    "data.min_tiles": "dynamic tiles (max_tiles > 1): fewest tiles per image",
+    "data.max_tiles": "InternVL dynamic resolution in training and evaluation: 1 = one whole-image tile; > 1 = "
+                      "min_tiles..max_tiles tiles by aspect ratio",
+    "data.use_thumbnail": "max_tiles > 1: add a whole-image thumbnail tile",
+    "data.tile_budget": "tiles per image a batch holds on average; a batch over it re-tiles its largest images with "
+                        "fewer tiles (counted); 0 = max_tiles + thumbnail (never)",
+    "data.tile_buckets": "sizes the tile array and prompts are padded to (the step compiles one shape per size)",
 
     "optim": "parameter groups, freezing and AdamW (vlm_jax.optim)",
     "optim.rules": "ordered (regex, group) over '/'-joined parameter "

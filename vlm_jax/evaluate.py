@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from vlm_jax import sharding
+
 
 def _to_host(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -21,14 +23,16 @@ def _to_host(x) -> np.ndarray:
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Pads a short (last) batch to ``size`` rows by repeating row 0; ``valid`` marks the real rows."""
-    n = len(next(iter(batch.values())))
+    """Pads a short (last) batch to ``size`` rows by repeating row 0 (tile fields stay: padding rows show row 0's
+    image); ``valid`` marks the real rows."""
+    n = len(batch["text_ids"])
     out = {k: np.asarray(v) for k, v in batch.items()}
     valid = np.asarray(out.pop("valid", np.ones(n, bool)), bool)
     if n > size:
         raise ValueError(f"Eval batch has {n} rows; expected at most {size}.")
     if n < size:
-        out = {k: np.concatenate([v, np.repeat(v[:1], size - n, axis=0)]) for k, v in out.items()}
+        out = {k: v if k in sharding.TILE_FIELDS else np.concatenate([v, np.repeat(v[:1], size - n, axis=0)])
+               for k, v in out.items()}
         valid = np.concatenate([valid, np.zeros(size - n, bool)])
     out["valid"] = valid
     return out

@@ -2,16 +2,26 @@
 
 Legend: B batch, L caption tokens, Lp prompt tokens, Q image tokens per tile, Dv vision width, D LM width,
 A adapter width, E embedding width, F fused width (late fusion: 4E with 'interact' features, 2E with 'concat';
-lm fusion: D), P patches.
+lm fusion: D), N tiles, T tiles per image, P patches per tile.
 
-    image --ViT--> vision hidden [B, 1+P, Dv] --pool--> [B, Dv] --vision_adapter--> [B, A] --vision_proj--> image_emb
+    tiles --ViT--> vision hidden [N, 1+P, Dv] --row_tiles--> each row's tiles [B, T, 1+P, Dv]
+          --pool over the row's tiles--> [B, Dv] --vision_adapter--> [B, A] --vision_proj--> image_emb
     text_ids --LM--> text hidden [B, L, D] --pool--> [B, D] --text_adapter--> [B, A] --text_proj--> text_emb
     fusion 'late': fused = [u, v, u*v, |u - v|] [B, 4E] (fusion_features='interact', default) or [u, v] [B, 2E]
                    ('concat', seed recipe) with u = image_emb, v = text_emb
-    fusion 'lm':   prompt_ids with the image tokens (computed from the same vision hidden states) --LM-->
-                   fused = hidden at the last valid prompt token [B, D]
+    fusion 'lm':   prompt_ids with the image tokens of all the row's tiles (from the same vision hidden states)
+                   --LM--> fused = hidden at the last valid prompt token [B, D]; a pair (image i, caption j) reads
+                   row i's prompt up to its image block's end, then row j's caption part
     Features(vision hidden, patch grid, embeddings, fused, ...) --> each task --> its outputs; loss = sum over tasks
     of weight * task loss.
+
+Tiles (`vlm_jax.data.pipeline`): a batch's tiles come as one array `tiles` [N, S, S, 3] with `row_tiles` [B, T]
+(indices, -1 padding) and `tile_regions` [N, 4] (what part of the whole image each tile shows); rows of the same
+image may share tiles, so the ViT runs once per distinct tile. A batch with `image` [B, S, S, 3] instead is one tile
+per row. `embedding.tile_pool` pools an image's tiles: 'all' applies `vision_pool` over every tile (cls: the mean of
+the tiles' CLS; mean: of all their patches; map: attention over all their patches), 'thumbnail' over the last tile
+only (the thumbnail when there are several). Patch positions are mapped into the whole image, so attention heads
+over the patches see every tile and give boxes in whole-image coordinates.
 
 Why the defaults differ from the seed recipe (measured in experiments/ablation.py): a linear head on [u, v] gives
 logit = w1.u + w2.v + b, a sum of an image-only and a text-only score, so it cannot tell whether u and v belong
@@ -23,6 +33,7 @@ Linear + ReLU + Dropout; projectors are Linear followed by L2 normalisation; the
 Config: `config.model.embedding` (the shared layers) and `config.tasks` (one section per task).
 """
 
+import einops
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,6 +47,7 @@ from vlm_jax.tasks import heads
 
 FUSIONS = ("late", "lm")
 FUSION_FEATURES = ("interact", "concat")
+TILE_POOLING = ("all", "thumbnail")
 
 
 class Adapter(nnx.Module):
@@ -68,6 +80,45 @@ def late_fusion_features(image_emb, text_emb, kind: str):
     raise ValueError(f"fusion_features must be one of {FUSION_FEATURES}, got {kind!r}")
 
 
+def tile_layout(batch: dict):
+    """(float[N, S, S, 3] tiles, int32[B, T] row_tiles, float32[N, 4] tile_regions) of a batch; a batch with
+    `image` float[B, S, S, 3] is one whole-image tile per row."""
+    if "tiles" in batch:
+        return batch["tiles"], batch["row_tiles"], batch["tile_regions"]
+    image = batch["image"]
+    b = image.shape[0]
+    return image, jnp.arange(b, dtype=jnp.int32)[:, None], jnp.tile(jnp.array([[0.0, 0.0, 1.0, 1.0]]), (b, 1))
+
+
+def rows_of_tiles(per_tile, row_tiles):
+    """float[N, ...] per-tile values, int32[B, T] -> (float[B, T, ...] each row's tiles, bool[B, T] present)."""
+    present = row_tiles >= 0
+    return per_tile[jnp.where(present, row_tiles, 0)], present
+
+
+def patch_positions(regions, grid_h: int, grid_w: int):
+    """float32[N, 4] tile regions (normalised xyxy of the whole image) -> float32[N, P, 2] the (x, y) centre of
+    each of a tile's row-major patches in whole-image coordinates."""
+    local = heads.patch_grid(grid_h, grid_w)  # [P, 2] inside the tile
+    return regions[:, None, :2] + (regions[:, None, 2:] - regions[:, None, :2]) * local
+
+
+def splice_prompts(ids, mask, image_token_id: int, pair_image, pair_text):
+    """int[B, Lp] prompts (each one image block, then the caption), int[M] rows -> (int[M, Lp], int[M, Lp]): row
+    pair_image's prompt up to the end of its image block followed by row pair_text's prompt after its image block.
+    The pipeline sizes Lp for any such pair; equal rows give the row's own prompt."""
+    length = ids.shape[1]
+    t = jnp.arange(length)
+    end = pooling.last_valid_index(ids == image_token_id) + 2  # just after </img>
+    e_image, e_text = end[pair_image][:, None], end[pair_text][:, None]
+    source = jnp.clip(t - e_image + e_text, 0, length - 1)
+    inside = (t - e_image + e_text) < length
+    head = t < e_image
+    out_ids = jnp.where(head, ids[pair_image], jnp.take_along_axis(ids[pair_text], source, axis=1))
+    tail_mask = jnp.where(inside, jnp.take_along_axis(mask[pair_text], source, axis=1), 0)
+    return out_ids, jnp.where(head, mask[pair_image], tail_mask)
+
+
 def _stream(rngs: nnx.Rngs, name: str):
     """The named rng stream, else 'default' (nnx.Rngs(0) has only 'default')."""
     if name in rngs:
@@ -82,6 +133,8 @@ def check_embedding_config(cfg: ml_collections.ConfigDict) -> None:
     pooling.check_pooling(cfg.vision_pool, cfg.text_pool)
     if cfg.fusion not in FUSIONS:
         raise ValueError(f"model.embedding.fusion must be one of {FUSIONS}, got {cfg.fusion!r}")
+    if cfg.get("tile_pool", "all") not in TILE_POOLING:
+        raise ValueError(f"model.embedding.tile_pool must be one of {TILE_POOLING}, got {cfg.tile_pool!r}")
     if cfg.fusion_features not in FUSION_FEATURES:
         raise ValueError(f"model.embedding.fusion_features must be one of {FUSION_FEATURES}, "
                          f"got {cfg.fusion_features!r}")
@@ -134,9 +187,10 @@ class MultitaskModel(nnx.Module):
         """float32[]: exp(log-scale), clipped to logit_scale_max."""
         return jnp.exp(jnp.minimum(self.logit_scale[...], jnp.log(self.config.logit_scale_max)))
 
-    def _image_branch(self, vision_hidden, train: bool):
-        """float[B, 1+P, Dv] -> float32[B, E]."""
-        pooled = pooling.pool_vision(vision_hidden, self.config.vision_pool, self.vision_pool)
+    def _image_branch(self, row_hidden, present, train: bool):
+        """float[B, T, 1+P, Dv] each row's tiles, bool[B, T] -> float32[B, E]."""
+        pooled = pooling.pool_tiles(row_hidden, present, self.config.vision_pool,
+                                    self.config.get("tile_pool", "all"), self.vision_pool)
         return self.vision_proj(self.vision_adapter(pooled, train=train))
 
     def _text_branch(self, text_hidden, mask, train: bool):
@@ -146,7 +200,8 @@ class MultitaskModel(nnx.Module):
 
     def encode_image(self, image):
         """float[B, S, S, 3] -> float32[B, E] unit-norm image embeddings (eval mode)."""
-        return self._image_branch(self.backbone.vision_hidden_states(image), train=False)
+        hidden = self.backbone.vision_hidden_states(image)[:, None]  # [B, 1, 1+P, Dv]
+        return self._image_branch(hidden, jnp.ones(hidden.shape[:2], bool), train=False)
 
     def encode_text(self, ids, mask):
         """int[B, L], int[B, L] -> float32[B, E] unit-norm text embeddings (eval mode)."""
@@ -155,23 +210,27 @@ class MultitaskModel(nnx.Module):
 
     def features(self, batch: dict, *, train: bool) -> tasks_lib.Features:
         """The backbone once, the shared embedding layers, and fusion of the matching pairs."""
-        image = batch["image"]
+        tiles, row_tiles, regions = tile_layout(batch)
         backbone = lora.training_view(self.backbone, train)  # LoRA dropout (if any) active in training only
-        b = image.shape[0]
-        vision_hidden = backbone.vision_hidden_states(image)  # [B, 1+P, Dv]
+        b = row_tiles.shape[0]
+        vision_hidden = backbone.vision_hidden_states(tiles)  # [N, 1+P, Dv]
+        row_hidden, present = rows_of_tiles(vision_hidden, row_tiles)  # [B, T, 1+P, Dv], [B, T]
         text_hidden, _ = backbone.language_model(input_ids=batch["text_ids"], attention_mask=batch["text_mask"])
-        image_emb = self._image_branch(vision_hidden, train)
+        image_emb = self._image_branch(row_hidden, present, train)
         text_emb = self._text_branch(text_hidden, batch["text_mask"], train)
 
         if self.config.fusion == "late":
             def fuse(pair_image, pair_text):
                 return late_fusion_features(image_emb[pair_image], text_emb[pair_text], self.config.fusion_features)
         else:
-            image_tokens = backbone.image_embeddings_from_hidden(vision_hidden, image.shape[1:3])  # [B, Q, D]
+            image_tokens = backbone.image_embeddings_from_hidden(vision_hidden, tiles.shape[1:3])  # [N, Q, D]
+            # Each row's tiles' tokens in order; its prompt holds Q * num_tiles image tokens, so padding is never read.
+            row_tokens = einops.rearrange(rows_of_tiles(image_tokens, row_tiles)[0], "B T Q D -> B (T Q) D")
 
             def fuse(pair_image, pair_text):
-                ids, mask = batch["prompt_ids"][pair_text], batch["prompt_mask"][pair_text]
-                embeds = backbone.merge_image_embeddings(ids, image_tokens[pair_image])  # [N, Lp, D]
+                ids, mask = splice_prompts(batch["prompt_ids"], batch["prompt_mask"],
+                                           self.backbone.config.image_token_id, pair_image, pair_text)
+                embeds = backbone.merge_row_image_embeddings(ids, row_tokens[pair_image])  # [M, Lp, D]
                 hidden, _ = backbone.language_model(inputs_embeds=embeds, attention_mask=mask)
                 return pooling.gather_positions(hidden, pooling.last_valid_index(mask)).astype(jnp.float32)
 
@@ -190,10 +249,14 @@ class MultitaskModel(nnx.Module):
             negatives = ~jnp.eye(b, dtype=bool)
 
         patch = self.backbone.config.vision.patch_size
+        positions = patch_positions(regions, tiles.shape[1] // patch, tiles.shape[2] // patch)  # [N, P, 2]
+        num_patches = positions.shape[1]
         rows = jnp.arange(b)
         return tasks_lib.Features(
-            vision_hidden=vision_hidden,
-            patch_grid=heads.patch_grid(image.shape[1] // patch, image.shape[2] // patch),
+            vision_hidden=vision_hidden, row_tiles=row_tiles,
+            patches=einops.rearrange(row_hidden[:, :, 1:], "B T P D -> B (T P) D"),
+            patch_mask=jnp.repeat(present, num_patches, axis=1),
+            patch_grid=einops.rearrange(rows_of_tiles(positions, row_tiles)[0], "B T P C -> B (T P) C"),
             image_emb=image_emb, text_emb=text_emb, logit_scale=self.scale(), fused=fuse(rows, rows), fuse=fuse,
             valid=tasks_lib.batch_valid(batch, b),
             image_id=batch.get("image_id"), negatives=negatives, query_fused=query_fused,

@@ -44,7 +44,8 @@ def make_data(config, inputs, split: str, *, train: bool):
     return pipeline.make_iterator(config.data, inputs, split=split, train=train,
                                   global_batch_size=config.batch_size if train else config.eval_batch_size,
                                   seed=config.seed, shard_index=jax.process_index(),
-                                  shard_count=jax.process_count())
+                                  shard_count=jax.process_count(),
+                                  tile_multiple=sharding.local_batch_shards(sharding.make_mesh(config.mesh)))
 
 
 def collect_state(trainer: Trainer, state: TrainState, config, inputs, split: str) -> dict:

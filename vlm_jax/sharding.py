@@ -138,8 +138,35 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def local_batch_shards(mesh: Mesh) -> int:
+    """How many parts this process's share of a batch is split into over its devices (leading axis)."""
+    indices = batch_sharding(mesh).addressable_devices_indices_map((mesh.size * 64,))
+    return len({index[0].indices(mesh.size * 64) for index in indices.values()})
+
+
+TILE_FIELDS = ("tiles", "tile_regions")  # leading axis = the batch's tiles, indexed by row_tiles
+
+
+def _same_tile_count(local_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Multi-process: pads every process's tile fields to the largest tile count and makes `row_tiles` index the
+    global tile array (process p's tiles come p-th). One small all-gather per batch."""
+    from jax.experimental import multihost_utils
+
+    n = len(local_batch["tiles"])
+    largest = int(np.max(multihost_utils.process_allgather(np.int32(n))))
+    out = dict(local_batch)
+    for k in TILE_FIELDS:
+        v = np.asarray(local_batch[k])
+        out[k] = np.concatenate([v, np.zeros((largest - n, *v.shape[1:]), v.dtype)])
+    row_tiles = np.asarray(local_batch["row_tiles"])
+    out["row_tiles"] = np.where(row_tiles >= 0, row_tiles + jax.process_index() * largest, -1).astype(np.int32)
+    return out
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Global arrays from this process's slice of the batch (all of it on one process)."""
+    if "row_tiles" in local_batch and jax.process_count() > 1:
+        local_batch = _same_tile_count(local_batch)
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 

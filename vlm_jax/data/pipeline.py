@@ -5,22 +5,37 @@ from it as `ModelInputs.from_model(model_config, tokenizer)`. `config.data` hold
 
     source (tfds.data_source, images left encoded)
       -> [train] shard by process, shuffle (reshuffled every epoch), pick one caption per image per epoch
-         [eval]  every (image, caption) pair once, in order, sharded by process and padded to equal batch counts
-      -> decode + preprocess (one fixed-size tile; InternVL dynamic tiles for evaluation when configured)
-      -> tokenise with `prompt.PromptBuilder` (caption + EOS; prompt = template with the image block + caption)
-      -> batch (this process's share of the global batch) -> optional worker processes -> `PipelineIterator`
+         [eval]  every (image, caption) pair once, in order, sharded by image over processes and padded to equal
+                 batch counts
+      -> decode + tile (InternVL dynamic tiles: 1..max_tiles tiles chosen by aspect ratio + a thumbnail; one
+         whole-image tile when max_tiles = 1) + tokenise the caption
+      -> batch (this process's share of the global batch): the distinct images' tiles packed into one tile array,
+         prompts built with each image's tile count -> optional worker processes -> `PipelineIterator`
 
 Training visits images, not captions: each epoch shows every image of this process's shard once, with one of its
 captions drawn at random (a fresh draw every epoch, deterministic in the seed), so a batch rarely holds the same
 image twice and datasets with a variable number of captions per image need no index scan. In-batch negatives for
 ITC/ITM are formed in the model; `image_id` lets the losses mask captions of the same image.
 
-Batch fields (numpy, leading axis = this process's rows; see the contract):
-    image        float32[B, S, S, 3]  normalised single tile; with `eval_dynamic_tiles`, float32[B, T, S, S, 3]
-                 (T = max_tiles (+1 thumbnail), zero tiles after `num_tiles`) and `num_tiles` int32[B]
+Tiles and static shapes: images have 1..T tiles (T = max_tiles + 1 thumbnail, or 1). A batch's tiles go into one
+array whose length N is the smallest of a few bucket sizes (`config.data.tile_buckets` sizes up to the batch's tile
+budget, multiples of the devices the batch is split over) that holds them; prompts are padded to the smallest of
+as many lengths. So the step compiles a handful of shapes. A batch whose tiles exceed the budget
+(`config.data.tile_budget` tiles per image on average) re-tiles its largest image with fewer tiles until it fits
+(counted: `retiled_images`) -- never truncated. In evaluation, rows of the same image share its tiles, so the vision
+tower sees each image once per batch however many captions it has.
+
+Batch fields (numpy; row fields have this process's B rows first, tile fields its N tiles; see the contract):
+    tiles        float32[N, S, S, 3]  normalised tiles of the batch's distinct images, image by image (each image's
+                 grid row-major, its thumbnail last), zero padding tiles at the end
+    tile_regions float32[N, 4]  the part of the whole image each tile shows (normalised xyxy; padding: zeros)
+    row_tiles    int32[B, T]   indices into `tiles` of each row's image tiles, in order; -1 after num_tiles
+    num_tiles    int32[B]
     image_id     int32[B]
+    image_aspect float32[B]    the image's width / height
     text_ids, text_mask      int32[B, max_text_length]    caption tokens + EOS, right-padded
-    prompt_ids, prompt_mask  int32[B, max_prompt_length]  template with <img><IMG_CONTEXT>*n</img> + caption
+    prompt_ids, prompt_mask  int32[B, Lp]  template with <img><IMG_CONTEXT>*(Q*num_tiles)</img> + caption (Lp: the
+                 batch's prompt bucket)
     box          float32[B, 4], has_box bool[B], relation int32[B], has_relation bool[B]
     reference_box  float32[B, 4]  the relation's reference object (zeros without a relation)
     caption_key, subject_key, reference_key   int32[B]  `caption_truth.text_key` of the caption and of the objects
@@ -37,8 +52,9 @@ Determinism and resume: the order depends only on (seed, shard, config); `Pipeli
 `checkpoint_restore_args(it)` are the items to put into an orbax `ocp.args.Composite` checkpoint.
 
 Counters (`PipelineIterator.stats`, restored with the state): captions and prompts truncated at token level
-(captions keep their EOS; prompts lose caption tokens only, never part of an image block), and the bad records the
-builder skipped at build time (`skip_bad_records`). Builders check every image when they build, so a decode error
+(captions keep their EOS; prompts lose caption tokens only, never part of an image block), images re-tiled to fit
+the tile budget, real and padding tiles and prompt tokens (the padding fractions the train log reports), and the
+bad records the builder skipped at build time (`skip_bad_records`). Builders check every image when they build, so a decode error
 while reading means the files changed since: it raises a ValueError naming the dataset and image_id.
 
 Processes and workers: shard k of n reads records k, k+n, ... of the split (train) or pairs k, k+n, ... (eval).
@@ -54,6 +70,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import grain
@@ -72,7 +89,8 @@ from vlm_jax.data.datasets import relations
 if TYPE_CHECKING:
     from vlm_jax.models.config import InternVLConfig
 
-COUNTERS = ("truncated_captions", "truncated_prompts")
+COUNTERS = ("truncated_captions", "truncated_prompts", "retiled_images", "tiles", "padding_tiles", "prompt_tokens",
+            "padding_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,19 +175,30 @@ def load_source(data_config: ml_collections.ConfigDict, split: str):
     return builder, source
 
 
-def max_tiles_per_image(data_config: ml_collections.ConfigDict, train: bool) -> int:
-    if train or not data_config.eval_dynamic_tiles:
-        return 1
+def tiles_per_image(data_config: ml_collections.ConfigDict) -> int:
+    """T: the most tiles one image gets (max_tiles, + 1 thumbnail when max_tiles > 1 and use_thumbnail)."""
     extra = 1 if data_config.use_thumbnail and data_config.max_tiles > 1 else 0
     return int(data_config.max_tiles) + extra
 
 
-def prompt_length(data_config: ml_collections.ConfigDict, inputs: ModelInputs, train: bool) -> int:
-    """The fixed `prompt_ids` length: `max_prompt_length`, or room for the image block(s) + caption + template."""
+def prompt_length(data_config: ml_collections.ConfigDict, inputs: ModelInputs) -> int:
+    """The longest `prompt_ids`: `max_prompt_length`, or room for T tiles' image block + caption + template."""
     if data_config.max_prompt_length > 0:
         return int(data_config.max_prompt_length)
-    image_tokens = inputs.num_image_tokens * max_tiles_per_image(data_config, train)
+    image_tokens = inputs.num_image_tokens * tiles_per_image(data_config)
     return image_tokens + int(data_config.max_text_length) + 16  # 16: template tokens and image delimiters
+
+
+def tile_budget(data_config: ml_collections.ConfigDict, rows: int) -> int:
+    """The most tiles a batch of `rows` images holds: rows * `tile_budget` (tiles per image on average; 0 = T)."""
+    per_image = float(data_config.tile_budget) or tiles_per_image(data_config)
+    return max(rows, math.ceil(rows * per_image))
+
+
+def bucket_sizes(limit: int, count: int, multiple: int = 1) -> tuple[int, ...]:
+    """`count` sizes spread evenly up to `limit`, each rounded up to a multiple of `multiple` (ascending, unique)."""
+    up = lambda n: -(-n // multiple) * multiple  # noqa: E731
+    return tuple(sorted({up(max(1, math.ceil(limit * k / count))) for k in range(1, count + 1)}))
 
 
 def make_prompt_builder(data_config: ml_collections.ConfigDict, inputs: ModelInputs) -> prompt_lib.PromptBuilder:
@@ -187,42 +216,30 @@ def _text(x) -> str:
 
 @dataclasses.dataclass
 class _Encoder:
-    """Record + caption index -> one example of the batch (decode, preprocess, tokenise)."""
+    """Record + caption index -> one example (decode and tile the image, tokenise the caption); the batch's prompts
+    are built by `_Batcher`, which knows every image's final tile count."""
 
     dataset: str
     builder: prompt_lib.PromptBuilder  # copies with the caption and prompt length limits
     image_size: int
     text_length: int
     prompt_length: int
-    dynamic_tiles: bool
     min_tiles: int
     max_tiles: int
     use_thumbnail: bool
-    tiles_dim: int
     scene_size: int  # N of scene_keys / scene_boxes
     with_queries: bool  # the records name each caption's subject and reference
 
     def __post_init__(self):
         self._captions = copy.copy(self.builder)
         self._captions.max_length = self.text_length
-        self._prompts = copy.copy(self.builder)
-        self._prompts.max_length = self.prompt_length
+        self.prompts = copy.copy(self.builder)
+        self.prompts.max_length = self.prompt_length
 
-    def image(self, record: dict) -> tuple[dict, int]:
-        """({"image", "image_id"[, "num_tiles"]}, number of tiles)."""
-        image_id = int(record["image_id"])
-        name = f"{self.dataset} image_id={image_id}"
-        out = {"image_id": np.int32(image_id)}
-        if self.dynamic_tiles:
-            tiles = preprocess.dynamic_tiles(record["image"], self.image_size, self.min_tiles, self.max_tiles,
-                                             self.use_thumbnail, name=name)
-            n = len(tiles)
-            out["image"] = np.zeros((self.tiles_dim, *tiles.shape[1:]), np.float32)
-            out["image"][:n] = tiles
-            out["num_tiles"] = np.int32(n)
-        else:
-            out["image"], n = preprocess.single_tile(record["image"], self.image_size, name=name), 1
-        return out, n
+    def tiles(self, image, image_id: int, max_tiles: int) -> tuple[np.ndarray, np.ndarray]:
+        """(float32[n, S, S, 3] tiles, float32[n, 4] their regions of the image) with at most `max_tiles` tiles."""
+        return preprocess.tiles_and_regions(image, self.image_size, min(self.min_tiles, max_tiles), max_tiles,
+                                            self.use_thumbnail, name=f"{self.dataset} image_id={image_id}")
 
     def caption(self, record: dict, k: int) -> dict:
         """Caption k's text tower input and labels: text_ids/mask, box, has_box, relation, has_relation."""
@@ -268,14 +285,78 @@ class _Encoder:
         return {"scene_keys": keys, "scene_boxes": boxes}
 
     def __call__(self, record: dict, k: int) -> dict:
-        """The full example: image, caption and the prompt with the image block(s) followed by the caption."""
-        out, n = self.image(record)
-        out.update(self.caption(record, k))
-        before = self._prompts.num_truncated
-        ids, mask = self._prompts.batch([self._prompts.prompt_ids(_text(record["captions"][k]), n)],
-                                        length=self.prompt_length, padding_side="right")
-        out.update(prompt_ids=ids[0], prompt_mask=mask[0],
-                   _truncated_prompts=np.int32(self._prompts.num_truncated > before))
+        """The example: caption fields, and the image's tiles under private keys for `_Batcher`."""
+        out = self.caption(record, k)
+        image_id = int(record["image_id"])
+        image = preprocess.load_image(record["image"], name=f"{self.dataset} image_id={image_id}")
+        tiles, regions = self.tiles(image, image_id, self.max_tiles)
+        out.update(image_aspect=np.float32(image.width / image.height), _image_tiles=tiles, _image_regions=regions, _encoded=record["image"], _caption=_text(record["captions"][k]))
+        return out
+
+
+_PRIVATE = ("_image_tiles", "_image_regions", "_encoded", "_caption")
+
+
+@dataclasses.dataclass
+class _Batcher:
+    """Examples -> one batch: row fields stacked, the distinct images' tiles packed into a bucketed tile array,
+    prompts built with each image's tile count and padded to a bucketed length (see the module docstring)."""
+
+    encode: _Encoder
+    tiles_per_image: int  # T
+    budget: int  # most tiles in one batch
+    tile_sizes: tuple[int, ...]  # allowed N, ascending; the last >= budget
+    prompt_sizes: tuple[int, ...]  # allowed Lp, ascending
+    share_images: bool  # rows with the same image_id share its tiles (evaluation)
+
+    def __call__(self, examples: Sequence[dict]) -> dict:
+        slots: dict[Any, int] = {}
+        row_slot, images = [], []
+        for r, ex in enumerate(examples):
+            key = int(ex["image_id"]) if self.share_images else r
+            if key not in slots:
+                slots[key] = len(images)
+                images.append([ex["_image_tiles"], ex["_image_regions"], ex])
+            row_slot.append(slots[key])
+        retiled = 0
+        while sum(len(im[0]) for im in images) > self.budget:
+            # Fewer tiles for the image with the most (the first of equals): the next smaller grid, thumbnail kept.
+            im = max(images, key=lambda x: len(x[0]))
+            grid = len(im[0]) - (1 if self.encode.use_thumbnail and len(im[0]) > 1 else 0)
+            im[0], im[1] = self.encode.tiles(im[2]["_encoded"], int(im[2]["image_id"]), grid - 1)
+            retiled += 1
+        counts = [len(im[0]) for im in images]
+        total = sum(counts)
+        n = next(size for size in self.tile_sizes if size >= total)
+        s = self.encode.image_size
+        tiles = np.zeros((n, s, s, 3), np.float32)
+        regions = np.zeros((n, 4), np.float32)
+        starts = np.cumsum([0] + counts)
+        for (im_tiles, im_regions, _), start in zip(images, starts):
+            tiles[start: start + len(im_tiles)] = im_tiles
+            regions[start: start + len(im_tiles)] = im_regions
+        rows = len(examples)
+        row_tiles = np.full((rows, self.tiles_per_image), -1, np.int32)
+        num_tiles = np.zeros(rows, np.int32)
+        for r, slot in enumerate(row_slot):
+            num_tiles[r] = counts[slot]
+            row_tiles[r, : counts[slot]] = np.arange(starts[slot], starts[slot + 1])
+
+        prompts = self.encode.prompts
+        before = prompts.num_truncated
+        seqs = [prompts.prompt_ids(ex["_caption"], int(num_tiles[r])) for r, ex in enumerate(examples)]
+        # Room for any row's image block followed by any row's text: the model splices (image i, caption j) pairs.
+        ends = [seq.index(prompts.img_end_id) + 1 for seq in seqs]
+        longest = max(ends) + max(len(seq) - end for seq, end in zip(seqs, ends))
+        length = next((size for size in self.prompt_sizes if size >= longest), longest)
+        prompt_ids, prompt_mask = prompts.batch(seqs, length=length, padding_side="right")
+
+        out = {k: np.stack([ex[k] for ex in examples]) for k in examples[0] if k not in _PRIVATE}
+        real_tokens = sum(len(seq) for seq in seqs)
+        out.update(tiles=tiles, tile_regions=regions, row_tiles=row_tiles, num_tiles=num_tiles, prompt_ids=prompt_ids,
+                   prompt_mask=prompt_mask, _truncated_prompts=np.int32(prompts.num_truncated - before),
+                   _retiled_images=np.int32(retiled), _tiles=np.int32(total), _padding_tiles=np.int32(n - total),
+                   _prompt_tokens=np.int32(real_tokens), _padding_tokens=np.int32(rows * length - real_tokens))
         return out
 
 
@@ -365,11 +446,16 @@ def _caption_counts(builder, source) -> list[int]:
     return [k] * len(source) if k else [len(source[i]["captions"]) for i in range(len(source))]
 
 
-def _eval_items(items: np.ndarray, shard_index: int, shard_count: int, local_batch_size: int) -> np.ndarray:
-    """int64[P, 3] (record, caption, valid): this shard's items, padded so every shard has the same batch count."""
-    per_shard = math.ceil(len(items) / shard_count)
+def _eval_items(counts: Sequence[int], shard_index: int, shard_count: int, local_batch_size: int) -> np.ndarray:
+    """int64[P, 3] (record, caption, valid): the pairs of this shard's images (records k, k + n, ...), padded so
+    every shard has the same batch count. Sharding by image keeps an image's captions in one process, where they
+    share its tiles."""
+    def pairs(shard):
+        return [(i, k) for i in range(shard, len(counts), shard_count) for k in range(counts[i])]
+
+    per_shard = max(sum(counts[shard::shard_count]) for shard in range(shard_count))
     num_batches = max(1, math.ceil(per_shard / local_batch_size))
-    mine = items[shard_index::shard_count]
+    mine = np.asarray(pairs(shard_index), np.int64).reshape(-1, 2)
     out = np.zeros((num_batches * local_batch_size, 3), np.int64)
     out[: len(mine), :2] = mine
     out[: len(mine), 2] = 1
@@ -387,14 +473,16 @@ def scene_size(builder) -> int:
 
 
 def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *, split: str, train: bool,
-                  global_batch_size: int, seed: int, shard_index: int, shard_count: int) -> PipelineIterator:
+                  global_batch_size: int, seed: int, shard_index: int, shard_count: int,
+                  tile_multiple: int = 1) -> PipelineIterator:
     """This process's iterator of host batches of `global_batch_size / shard_count` rows.
 
     train=True: shuffled (by `seed`), one random caption per image, `num_epochs` passes (-1 = forever), full batches
     only. train=False: every (image, caption) pair of the split once in a fixed order, with a `valid` field; all
     shards yield the same number of batches.
     Shard `shard_index` of `shard_count` (jax.process_index() / jax.process_count() in a multi-process run) reads a
-    disjoint 1/shard_count of the records (train) or pairs (eval).
+    disjoint 1/shard_count of the images. `tile_multiple`: tile counts are multiples of it (the devices this
+    process's share of the batch is split over).
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
@@ -405,11 +493,14 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
     features = builder.info.features
     encode = _Encoder(dataset=builder.name, builder=make_prompt_builder(data_config, inputs),
                       image_size=inputs.image_size, text_length=int(data_config.max_text_length),
-                      prompt_length=prompt_length(data_config, inputs, train),
-                      dynamic_tiles=bool(not train and data_config.eval_dynamic_tiles),
-                      min_tiles=int(data_config.min_tiles), max_tiles=int(data_config.max_tiles),
-                      use_thumbnail=bool(data_config.use_thumbnail), tiles_dim=max_tiles_per_image(data_config, train),
+                      prompt_length=prompt_length(data_config, inputs), min_tiles=int(data_config.min_tiles),
+                      max_tiles=int(data_config.max_tiles), use_thumbnail=bool(data_config.use_thumbnail),
                       scene_size=scene_size(builder), with_queries="subjects" in features and "references" in features)
+    budget = tile_budget(data_config, local_batch_size)
+    count = int(data_config.tile_buckets)
+    prompt_sizes = tuple(sorted({min(n, encode.prompt_length) for n in bucket_sizes(encode.prompt_length, count, 8)}))
+    batcher = _Batcher(encode, tiles_per_image(data_config), budget, bucket_sizes(budget, count, tile_multiple),
+                       prompt_sizes, share_images=not train)
     if train:
         indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
         if len(indices) < local_batch_size:
@@ -417,12 +508,10 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
                              f"than one batch of {local_batch_size}")
         epochs = None if data_config.num_epochs < 0 else int(data_config.num_epochs)
         ds = indices.shuffle(seed=seed).random_map(_RandomCaption(source, encode), seed=seed).repeat(epochs)
-        ds = ds.batch(local_batch_size, drop_remainder=True)
+        ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=batcher)
     else:
-        counts = _caption_counts(builder, source)
-        pairs = np.asarray([(i, k) for i, n in enumerate(counts) for k in range(n)], np.int64).reshape(-1, 2)
-        items = _eval_items(pairs, shard_index, shard_count, local_batch_size)
-        ds = grain.MapDataset.source(items).map(_Pair(source, encode)).batch(local_batch_size)
+        items = _eval_items(_caption_counts(builder, source), shard_index, shard_count, local_batch_size)
+        ds = grain.MapDataset.source(items).map(_Pair(source, encode)).batch(local_batch_size, batch_fn=batcher)
     # grain's default reads ahead 500 elements on 16 threads from the moment the iterator exists; on a few cores
     # those threads take the interpreter from the training loop (and a resumed iterator throws that read-ahead
     # away). Two batches ahead on two threads keep a step fed.

@@ -156,14 +156,24 @@ def dynamic_tiles(
     N = cols*rows tiles in row-major order (tile k is column k % cols, row k // cols), plus a thumbnail of the
     whole image last when cols*rows > 1 and `use_thumbnail`. At most max_tiles + 1 tiles.
     """
+    return tiles_and_regions(image, image_size, min_tiles, max_tiles, use_thumbnail, name=name)[0]
+
+
+def tiles_and_regions(image: ImageLike, image_size: int = 448, min_tiles: int = 1, max_tiles: int = 12,
+                      use_thumbnail: bool = True, *, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`dynamic_tiles` and float32[N, 4]: the part of the whole image each tile shows, as normalised xyxy (the
+    grid's cell; the thumbnail shows all of it), so positions inside a tile map back to the whole image."""
     image = load_image(image, name=name)
     cols, rows = choose_grid(image.width, image.height, image_size, min_tiles, max_tiles)
     canvas = _resize(image, cols * image_size, rows * image_size)  # [rows*S, cols*S, 3]
     tiles = canvas.reshape(rows, image_size, cols, image_size, 3).transpose(0, 2, 1, 3, 4)
     tiles = tiles.reshape(rows * cols, image_size, image_size, 3)
+    k = np.arange(rows * cols)
+    regions = np.stack([k % cols / cols, k // cols / rows, (k % cols + 1) / cols, (k // cols + 1) / rows], axis=-1)
     if use_thumbnail and rows * cols > 1:
         tiles = np.concatenate([tiles, _resize(image, image_size, image_size)[None]], axis=0)
-    return normalize(tiles)
+        regions = np.concatenate([regions, [[0.0, 0.0, 1.0, 1.0]]], axis=0)
+    return normalize(tiles), regions.astype(np.float32)
 
 
 def num_tiles(width: int, height: int, image_size: int = 448, min_tiles: int = 1, max_tiles: int = 12,

@@ -23,10 +23,10 @@ NUM_FREQUENCIES = 8  # Fourier features per coordinate: sin and cos of 2^k pi x,
 
 
 def fourier_positions(grid: jax.Array) -> jax.Array:
-    """float32[P, 2] (x, y) in [0, 1] -> float32[P, 4 NUM_FREQUENCIES]: sin, cos of 2^k pi x and of 2^k pi y."""
+    """float32[..., 2] (x, y) in [0, 1] -> float32[..., 4 NUM_FREQUENCIES]: sin, cos of 2^k pi x and of 2^k pi y."""
     freqs = jnp.asarray(2.0 ** np.arange(NUM_FREQUENCIES) * np.pi, jnp.float32)
-    angles = grid[..., None] * freqs  # [P, 2, K]
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(grid.shape[0], -1)
+    angles = grid[..., None] * freqs  # [..., 2, K]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*grid.shape[:-1], -1)
 
 
 def _norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -44,8 +44,8 @@ def _attention(width: int, num_heads: int, rngs: nnx.Rngs) -> nnx.MultiHeadAtten
 
 
 class DetectionMemory(nnx.Module):
-    """float[B, P, Dv] patch tokens, float32[P, 2] centres [, float[B, L, D] text tokens, int[B, L] mask] ->
-    (float32[B, M, W] memory, bool[B, M] mask), M = P (+ L)."""
+    """float[B, P, Dv] patch tokens, float32[B, P, 2] (or [P, 2]) centres, bool[B, P] present patches
+    [, float[B, L, D] text tokens, int[B, L] mask] -> (float32[B, M, W] memory, bool[B, M] mask), M = P (+ L)."""
 
     def __init__(self, vision_width: int, text_width: int | None, width: int, *, rngs: nnx.Rngs):
         self.vision_norm = _norm(vision_width, rngs)
@@ -56,9 +56,9 @@ class DetectionMemory(nnx.Module):
         self.text_type = (layers.param(rngs, nnx.initializers.normal(0.02), (width,), jnp.float32, ("mlp",))
                           if text_width else None)
 
-    def __call__(self, patches, grid, text=None, text_mask=None):
+    def __call__(self, patches, grid, patch_mask, text=None, text_mask=None):
         vision = self.vision(self.vision_norm(patches.astype(jnp.float32))) + self.position(fourier_positions(grid))
-        mask = jnp.ones(vision.shape[:2], bool)
+        mask = jnp.broadcast_to(patch_mask, vision.shape[:2])
         if self.text is None:
             return vision, mask
         words = self.text(self.text_norm(text.astype(jnp.float32))) + self.text_type[...]

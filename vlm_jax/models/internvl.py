@@ -115,6 +115,15 @@ class InternVL(nnx.Module):
         gathered = jnp.take(flat, jnp.clip(idx, 0, flat.shape[0] - 1), axis=0)
         return jnp.where(is_img[..., None], gathered, embeds)
 
+    def merge_row_image_embeddings(self, input_ids: jax.Array, row_embeds: jax.Array) -> jax.Array:
+        """Embed int[B, T] and overwrite each row's <IMG_CONTEXT> positions, in order, by that row's own
+        float[B, M, D] image embeddings (M >= the row's image tokens; the rest is never read)."""
+        embeds = self.language_model.embed(input_ids)
+        is_img = input_ids == self.config.image_token_id
+        idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, row_embeds.shape[1] - 1)  # k-th image token of the row
+        gathered = jnp.take_along_axis(row_embeds.astype(embeds.dtype), idx[..., None], axis=1)
+        return jnp.where(is_img[..., None], gathered, embeds)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float[B, T, D] -> float32[B, T, V] via lm_head or the tied embedding (products accumulated and returned
         in float32 whatever the compute dtype: losses and sampling read them)."""

@@ -6,6 +6,10 @@ Vision (`pool_vision`, over the ViT output float[B, 1 + P, Dv] with CLS at index
   cls   the CLS token (seed recipe);
   mean  the mean of the patch tokens (CLS excluded);
   map   multi-head attention pooling with a learned query over the patch tokens (`MAPHead`).
+Tiles (`pool_tiles`, over each row's tiles float[B, T, 1 + P, Dv] with a presence mask): 'all' pools every tile
+  (cls: the mean of their CLS tokens; mean: the mean of all their patches; map: attention over all their patches),
+  'thumbnail' pools the row's last tile (InternVL's thumbnail of the whole image when there are several tiles).
+  With one tile per row both equal `pool_vision`.
 Text (`pool_text`, over LM hidden states float[B, T, D] with a 0/1 mask, right or left padding):
   last  the last valid token (the data pipeline appends EOS, so it has seen the whole caption; default);
   mean  the mean over valid tokens;
@@ -102,10 +106,12 @@ class MAPHead(nnx.Module):
         self.mlp_in = layers.Linear(width, mlp_ratio * width, ("embed", "mlp"), rngs=rngs)
         self.mlp_out = layers.Linear(mlp_ratio * width, width, ("mlp", "embed"), rngs=rngs)
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, mask=None):
+        """float[B, T, D] tokens [, bool[B, T]: False = not attended] -> float32[B, D]."""
         tokens = tokens.astype(jnp.float32)
         probe = jnp.broadcast_to(self.probe[...], (tokens.shape[0], 1, tokens.shape[-1]))
-        x = self.attention(probe, tokens, tokens, deterministic=True)  # [B, 1, D]
+        mask = None if mask is None else mask[:, None, None, :]  # [B, heads, 1, T]
+        x = self.attention(probe, tokens, tokens, mask=mask, deterministic=True)  # [B, 1, D]
         x = x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm(x))))
         return x[:, 0]
 
@@ -120,4 +126,25 @@ def pool_vision(hidden, method: str, map_head: MAPHead | None = None):
         if map_head is None:
             raise ValueError("vision_pool='map' needs a MAPHead")
         return map_head(hidden[:, 1:])
+    raise ValueError(f"vision_pool must be one of {VISION_POOLING}, got {method!r}")
+
+
+def pool_tiles(row_hidden, present, method: str, tile_pool: str, map_head: MAPHead | None = None):
+    """float[B, T, 1 + P, Dv] each row's tiles (CLS first), bool[B, T] present -> float32[B, Dv]."""
+    if tile_pool == "thumbnail":
+        last = jnp.maximum(jnp.sum(present, axis=1) - 1, 0)  # [B]
+        return pool_vision(jnp.take_along_axis(row_hidden, last[:, None, None, None], axis=1)[:, 0], method, map_head)
+    if tile_pool != "all":
+        raise ValueError(f"tile_pool must be 'all' or 'thumbnail', got {tile_pool!r}")
+    b, t, tokens, width = row_hidden.shape
+    if method == "cls":
+        return masked_mean(row_hidden[:, :, 0], present)
+    patches = row_hidden[:, :, 1:].reshape(b, t * (tokens - 1), width)
+    patch_mask = jnp.repeat(present, tokens - 1, axis=1)
+    if method == "mean":
+        return masked_mean(patches, patch_mask)
+    if method == "map":
+        if map_head is None:
+            raise ValueError("vision_pool='map' needs a MAPHead")
+        return map_head(patches, patch_mask)
     raise ValueError(f"vision_pool must be one of {VISION_POOLING}, got {method!r}")

@@ -49,8 +49,11 @@ class Widths:
 class Features:
     """What the backbone and the shared embedding layers computed for one batch (B rows).
 
-    vision_hidden  float[B, 1+P, Dv]  ViT output (CLS first)
-    patch_grid     float32[P, 2]      (x, y) centre of each patch in normalised image coordinates
+    vision_hidden  float[N, 1+P, Dv]  ViT output of the batch's N tiles (CLS first); `row_tiles` says whose
+    row_tiles      int32[B, T]        indices into the tiles of each row's image tiles (-1: none)
+    patches        float[B, T*P, Dv]  every patch token of each row's tiles (the heads attend over them)
+    patch_mask     bool[B, T*P]       False on the patches of missing tiles
+    patch_grid     float32[B, T*P, 2] (x, y) centre of each patch in normalised coordinates of the whole image
     image_emb      float32[B, E]      unit-norm image embeddings
     text_emb       float32[B, E]      unit-norm caption embeddings
     logit_scale    float32[]          contrastive temperature (exp of the learned log-scale, clipped)
@@ -68,6 +71,9 @@ class Features:
     """
 
     vision_hidden: jax.Array
+    row_tiles: jax.Array
+    patches: jax.Array
+    patch_mask: jax.Array
     patch_grid: jax.Array
     image_emb: jax.Array
     text_emb: jax.Array
@@ -130,8 +136,7 @@ def batch_valid(batch: Mapping[str, jax.Array], rows: int) -> jax.Array:
 def total_loss(tasks: Mapping[str, Task], outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
     """(float32[] sum over tasks of weight * task loss, {term: float32[]}) with terms `<task>`, `<task>_<term>`
     and `total`. Padding rows (`batch["valid"]` False) count in no task."""
-    rows = next(iter(batch.values())).shape[0]
-    valid = batch_valid(batch, rows)
+    valid = batch_valid(batch, batch["text_ids"].shape[0])
     total = jnp.zeros((), jnp.float32)
     terms = {}
     for name, task in tasks.items():

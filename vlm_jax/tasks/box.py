@@ -39,7 +39,7 @@ class BoxTask(Task):
 
     def __call__(self, features, batch, *, train):
         if self.kind == "attention":
-            raw = self.head(features.fused, features.vision_hidden[:, 1:], features.patch_grid)
+            raw = self.head(features.fused, features.patches, features.patch_grid, features.patch_mask)
         else:
             raw = self.head(features.fused)
         return {"box_pred": heads.box_from_logits(raw)}

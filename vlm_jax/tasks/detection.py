@@ -72,7 +72,7 @@ class DetectionTask(Task):
 
     def __call__(self, features, batch, *, train):
         text = (features.text_hidden, features.text_mask) if self.memory.text is not None else (None, None)
-        memory, mask = self.memory(features.vision_hidden[:, 1:], features.patch_grid, *text)
+        memory, mask = self.memory(features.patches, features.patch_grid, features.patch_mask, *text)
         hidden = self.decoder(memory, mask)  # [layers, B, Q, W]
         boxes = box_ops.box_cxcywh_to_xyxy(jax.nn.sigmoid(self.box_head(hidden)))  # [layers, B, Q, 4]
         objectness = self.objectness(hidden)[..., 0]  # [layers, B, Q]

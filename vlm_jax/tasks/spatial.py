@@ -60,7 +60,7 @@ class SpatialTask(Task):
     def __call__(self, features, batch, *, train):
         query = features.query_fused if self.reads_query else features.fused
         if self.kind == "attention":
-            logits, centres = self.head.attended(query, features.vision_hidden[:, 1:], features.patch_grid)
+            logits, centres = self.head.attended(query, features.patches, features.patch_grid, features.patch_mask)
             return {"spatial_logits": logits, "spatial_centres": centres[:, :2]}  # [B, 6], [B, 2, 2]
         return {"spatial_logits": self.head(query)}
 

@@ -7,6 +7,15 @@ colour (a nested pair), so that "inside" and "outside" occur about as often as t
 not nested never overlap, and a nested inner object lies in the central half of its outer object, so every object's
 box is the tight bounding box of its visible pixels.
 
+Images are square (`image_size` pixels a side) unless `aspect_ratios` is set: then each image draws its aspect ratio
+r = width / height uniformly from that tuple (with its own seeded rng), its short side is `image_size` and its long
+side round(image_size * max(r, 1/r)) (64 px, W x H: r = 2 gives 128 x 64, r = 0.5 64 x 128), so InternVL's
+dynamic tiling (tiles chosen by the aspect ratio) has something to do. Object sizes are fractions of the short side
+(objects look the same in every image), positions cover the whole width and height, and nesting, relations and the
+choice of clear directional pairs are all decided on the pixel boxes (the real geometry); boxes are normalised by
+the width (x) and the height (y). Recomputing a direction from normalised boxes of a non-square image needs them
+scaled back by (W, H) first: |dx| >= |dy| in normalised units is not the same test as in pixels.
+
 Per image, `pairs_per_image` = K ordered pairs (subject A, reference B) are chosen; for each the record stores a
 caption, A's box and B's box (normalised xyxy, x right, y down, pixel-exclusive right/bottom edge: a box covering
 pixel columns c0..c1 has x0 = c0 / W, x1 = (c1 + 1) / W) and the label `relations.relation_from_boxes(A, B)`.
@@ -18,7 +27,7 @@ Captions ("the red circle is left of the blue square"):
     outside "is around" ("the red square is around the blue circle": B's box within A's).
 
 Record (the schema shared with `coco_captions` and `refcoco`, see `datasets/__init__.py`):
-    image            PNG, uint8[S, S, 3]
+    image            PNG, uint8[S, S, 3]; with `aspect_ratios`, uint8[H, W, 3] (min(H, W) = S)
     image_id         int64, unique within a split (the example's index)
     captions         text[K]
     boxes            float32[K, 4]  subject box, normalised xyxy
@@ -31,8 +40,9 @@ Record (the schema shared with `coco_captions` and `refcoco`, see `datasets/__in
 
 Configs: "default" (224 px, 4000/500/500 images, K = 2) and "tiny" (64 px, 256/64/64). Other sizes:
 `SpatialShapes(config=make_config(image_size=..., num_train=...), data_dir=...)`; the config name is derived from
-the parameters so different parameters never share a cache directory. Everything is a function of `seed`: image i of
-a split is drawn from `np.random.default_rng((seed, split_code, i))`.
+the parameters so different parameters never share a cache directory (`aspect_ratios=(1, 2, 0.5)` adds
+"_a1-2-0.5"; the default () adds nothing, and its images are exactly those of the square builder). Everything is a
+function of `seed`: image i of a split is drawn from `np.random.default_rng((seed, split_code, i))`.
 
 Chance levels (what a model that ignores the input scores; measured numbers are for the test splits):
     Retrieval R@K: a random ranking over C candidates puts a given match in the top K with probability K / C
@@ -106,8 +116,11 @@ class SpatialShapesConfig(tfds.core.BuilderConfig):
     max_objects: int = 4
     nest_probability: float = 0.5
     seed: int = 0
+    # Width / height ratios drawn uniformly per image (short side image_size); () = square images.
+    aspect_ratios: tuple[float, ...] = ()
 
     def __post_init__(self):
+        self.aspect_ratios = _check_aspect_ratios(self.aspect_ratios)
         if self.image_size < 32:
             raise ValueError(f"spatial_shapes: image_size must be >= 32, got {self.image_size}")
         if not 2 <= self.min_objects <= self.max_objects <= len(COLOURS) * len(SHAPES):
@@ -123,6 +136,41 @@ class SpatialShapesConfig(tfds.core.BuilderConfig):
         return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
 
 
+_MAX_ASPECT = 4.0  # the long side is at most this many times image_size
+
+
+def _check_aspect_ratios(ratios) -> tuple[float, ...]:
+    """`aspect_ratios` as a tuple of floats, each finite, > 0 and within [1 / _MAX_ASPECT, _MAX_ASPECT]."""
+    if isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__"):
+        raise ValueError(f"spatial_shapes: aspect_ratios must be a tuple of width / height ratios, got {ratios!r}")
+    out = []
+    for r in ratios:
+        if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, float, np.integer, np.floating)):
+            raise ValueError(f"spatial_shapes: aspect_ratios must hold numbers (width / height), got {r!r} in "
+                             f"{ratios!r}")
+        r = float(r)
+        if not (np.isfinite(r) and r > 0 and max(r, 1 / r) <= _MAX_ASPECT):
+            raise ValueError(f"spatial_shapes: every aspect_ratios entry (width / height) must be finite and in "
+                             f"[1/{_MAX_ASPECT:g}, {_MAX_ASPECT:g}] (long side <= {_MAX_ASPECT:g} x image_size), "
+                             f"got {r!r} in {tuple(ratios)!r}")
+        out.append(r)
+    return tuple(out)
+
+
+def _ratio_text(r: float) -> str:
+    """Shortest exact text of a ratio for config names: 2.0 -> "2", 0.5 -> "0.5"."""
+    text = repr(float(r))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def image_shape(image_size: int, ratio: float | None) -> tuple[int, int]:
+    """(height, width) of an image with short side `image_size` and width / height `ratio` (None: square)."""
+    if ratio is None or ratio == 1:
+        return image_size, image_size
+    long = int(round(image_size * max(ratio, 1 / ratio)))
+    return (image_size, long) if ratio > 1 else (long, image_size)
+
+
 def make_config(name: str | None = None, **params) -> SpatialShapesConfig:
     """A config with `params` overriding the defaults; by default named after the parameters."""
     if name is None:
@@ -130,6 +178,8 @@ def make_config(name: str | None = None, **params) -> SpatialShapesConfig:
         name = (f"s{merged.image_size}_n{merged.num_train}-{merged.num_validation}-{merged.num_test}"
                 f"_k{merged.pairs_per_image}_o{merged.min_objects}-{merged.max_objects}"
                 f"_p{round(merged.nest_probability * 100)}_seed{merged.seed}")
+        if merged.aspect_ratios:
+            name += "_a" + "-".join(_ratio_text(r) for r in merged.aspect_ratios)
     return SpatialShapesConfig(name=name, description="custom spatial_shapes config", **params)
 
 
@@ -138,7 +188,8 @@ def make_config(name: str | None = None, **params) -> SpatialShapesConfig:
 
 
 def _shape_mask(shape: str, size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
-    """bool[H, W]: the pixels of `shape` drawn (aliased) in the inclusive pixel box (c0, r0, c1, r1)."""
+    """bool[H, W] (`size` = (W, H), as PIL): the pixels of `shape` drawn (aliased) in the inclusive pixel box
+    (c0, r0, c1, r1)."""
     mask = PIL.Image.new("L", size, 0)
     draw = PIL.ImageDraw.Draw(mask)
     c0, r0, c1, r1 = box
@@ -165,14 +216,18 @@ def _pixel_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """uint8[S, S, 3] grey texture (R = G = B), so no background pixel has an object's colour."""
-    cells = max(4, size // 16)
-    coarse = rng.integers(95, 165, size=(cells, cells))
-    grey = np.kron(coarse, np.ones((size // cells + 1, size // cells + 1), dtype=np.int64))[:size, :size]
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """uint8[H, W, 3] grey texture (R = G = B), so no background pixel has an object's colour. Cells are sized by
+    the short side; the long side gets as many more as it needs (a square image draws exactly as it always has)."""
+    short = min(height, width)
+    cells = max(4, short // 16)
+    block = short // cells + 1
+    cells_h, cells_w = (max(cells, -(-n // block)) for n in (height, width))
+    coarse = rng.integers(95, 165, size=(cells_h, cells_w))
+    grey = np.kron(coarse, np.ones((block, block), dtype=np.int64))[:height, :width]
     # Fine grain in 2x2-pixel blocks: per-pixel noise would triple the PNG size and encoding time.
-    fine = np.kron(rng.integers(-12, 13, size=(size // 2 + 1, size // 2 + 1)), np.ones((2, 2), np.int64))
-    grey = np.clip(grey + fine[:size, :size], 0, 255).astype(np.uint8)
+    fine = np.kron(rng.integers(-12, 13, size=(height // 2 + 1, width // 2 + 1)), np.ones((2, 2), np.int64))
+    grey = np.clip(grey + fine[:height, :width], 0, 255).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
@@ -192,9 +247,9 @@ def _disjoint(a, b, gap: int = 2) -> bool:
     return a[2] + gap < b[0] or b[2] + gap < a[0] or a[3] + gap < b[1] or b[3] + gap < a[1]
 
 
-def _random_box(rng, image_size: int, side: int) -> tuple[int, int, int, int]:
-    c0 = int(rng.integers(0, image_size - side + 1))
-    r0 = int(rng.integers(0, image_size - side + 1))
+def _random_box(rng, height: int, width: int, side: int) -> tuple[int, int, int, int]:
+    c0 = int(rng.integers(0, width - side + 1))
+    r0 = int(rng.integers(0, height - side + 1))
     return c0, r0, c0 + side - 1, r0 + side - 1
 
 
@@ -202,13 +257,15 @@ def _side(rng, lo: float, hi: float, reference: int) -> int:
     return max(_MIN_PIXELS, int(round(rng.uniform(lo, hi) * reference)))
 
 
-def _sample_layout(rng, config: SpatialShapesConfig, num_objects: int, nested: bool) -> list[tuple] | None:
-    """Pixel boxes for the objects, the first two nested (outer, inner) when `nested`; None when placement fails."""
+def _sample_layout(rng, config: SpatialShapesConfig, num_objects: int, nested: bool, height: int,
+                   width: int) -> list[tuple] | None:
+    """Pixel boxes for the objects, the first two nested (outer, inner) when `nested`; None when placement fails.
+    Sides are fractions of the short side (`image_size`); positions cover the whole height x width."""
     size = config.image_size
     boxes = []
     if nested:
         outer_side = _side(rng, *_OUTER_SIZE, size)
-        outer = _random_box(rng, size, outer_side)
+        outer = _random_box(rng, height, width, outer_side)
         inner_side = max(_MIN_PIXELS, min(outer_side // 2 - 2, _side(rng, *_INNER_FRACTION, outer_side)))
         # Central half of the outer box, away from its edges (where the outer shape's extreme pixels are).
         lo_c, hi_c = outer[0] + outer_side // 4 + 1, outer[0] + (3 * outer_side) // 4 - 1 - inner_side
@@ -219,7 +276,7 @@ def _sample_layout(rng, config: SpatialShapesConfig, num_objects: int, nested: b
         boxes = [outer, (c0, r0, c0 + inner_side - 1, r0 + inner_side - 1)]
     while len(boxes) < num_objects:
         for _ in range(50):
-            box = _random_box(rng, size, _side(rng, *_OBJECT_SIZE, size))
+            box = _random_box(rng, height, width, _side(rng, *_OBJECT_SIZE, size))
             if all(_disjoint(box, other) for other in boxes):
                 boxes.append(box)
                 break
@@ -235,14 +292,18 @@ def _clear_direction(a, b) -> bool:
 
 
 def generate_example(config: SpatialShapesConfig, split: str, index: int) -> dict:
-    """The record for image `index` of `split` (deterministic), with `image` as uint8[S, S, 3]."""
+    """The record for image `index` of `split` (deterministic), with `image` as uint8[H, W, 3] (S x S without
+    `aspect_ratios`). Relations and pair choice use the pixel boxes; stored boxes are normalised by W and H."""
     rng = np.random.default_rng((config.seed, SPLIT_CODES[split], index))
-    size = config.image_size
+    ratio = None  # square: no draw, so the square images are exactly those of the builder before aspect_ratios
+    if config.aspect_ratios:
+        ratio = config.aspect_ratios[int(rng.integers(len(config.aspect_ratios)))]
+    height, width = image_shape(config.image_size, ratio)
     k = config.pairs_per_image
     for _ in range(1000):
         num_objects = int(rng.integers(config.min_objects, config.max_objects + 1))
         nested = bool(rng.random() < config.nest_probability)
-        layout = _sample_layout(rng, config, num_objects, nested)
+        layout = _sample_layout(rng, config, num_objects, nested, height, width)
         if layout is None:
             continue
         kinds = rng.choice(len(COLOURS) * len(SHAPES), size=num_objects, replace=False)
@@ -254,10 +315,10 @@ def generate_example(config: SpatialShapesConfig, split: str, index: int) -> dic
             colour, shape = colours[kind // len(SHAPES)], SHAPES[kind % len(SHAPES)]
             objects.append(_Object(f"{colour} {shape}", colour, shape, box))
         # Draw (outer before inner: layout order) and take the tight pixel box of each object's own mask.
-        pixels = _background(rng, size)
+        pixels = _background(rng, height, width)
         tight = []
         for obj in objects:
-            mask = _shape_mask(obj.shape, (size, size), obj.box)
+            mask = _shape_mask(obj.shape, (width, height), obj.box)
             pixels[mask] = COLOURS[obj.colour]
             tight.append(_pixel_box(mask))
         pairs = _choose_pairs(rng, tight, nested, k)
@@ -268,11 +329,11 @@ def generate_example(config: SpatialShapesConfig, split: str, index: int) -> dic
         raise ValueError(f"spatial_shapes: could not sample image {index} of {split!r} for config {config.name!r}")
 
     def norm(b):
-        return [b[0] / size, b[1] / size, (b[2] + 1) / size, (b[3] + 1) / size]
+        return [b[0] / width, b[1] / height, (b[2] + 1) / width, (b[3] + 1) / height]
 
     boxes, refs, labels, captions, subjects, references = [], [], [], [], [], []
     for i, j in pairs:
-        label = rel.relation_from_boxes(tight[i], tight[j])
+        label = rel.relation_from_boxes(tight[i], tight[j])  # pixel boxes: the real geometry
         boxes.append(norm(tight[i]))
         refs.append(norm(tight[j]))
         labels.append(label)
@@ -332,7 +393,8 @@ class SpatialShapes(builder.LocalBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
         k = c.pairs_per_image
-        feats = builder.record_features(k, (c.image_size, c.image_size, 3), "png")
+        shape = (None, None, 3) if c.aspect_ratios else (c.image_size, c.image_size, 3)
+        feats = builder.record_features(k, shape, "png")
         feats.update({
             "subjects": tfds.features.Sequence(tfds.features.Text(), length=k),
             "references": tfds.features.Sequence(tfds.features.Text(), length=k),
