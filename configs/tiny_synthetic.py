@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
         embed_dim=64,             # E: projectors A -> E (seed recipe: 256)
         dropout=0.1,              # after the adapters' ReLU
         vision_pool="cls",        # cls | mean | map
+        tile_pool="all",          # over an image's tiles: all (vision_pool over every tile) | thumbnail (the last tile)
         text_pool="last",         # last | mean | first (seed recipe: first)
         fusion="late",            # late (pair features from the embeddings) | lm (image + caption through the LM)
         fusion_features="interact",  # late fusion: interact [u, v, u*v, |u-v|] | concat [u, v] (seed recipe)
@@ -88,8 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.builder_config = ""  # tfds config name ("" = the builder's default)
     # spatial_shapes only, instead of builder_config: overrides of its default config (spatial_shapes.make_config).
     # 64 px, 4000 / 500 / 500 images with 2 captions each (the builder's "tiny" config has only 256 train images).
+    # aspect_ratios: () = square images; e.g. (2.0, 0.5, 1.0) draws each image's width / height from them.
     c.data.builder_params = ml_collections.ConfigDict(dict(image_size=64, num_train=4000, num_validation=500,
-                                                           num_test=500))
+                                                           num_test=500, aspect_ratios=()))
     c.data.data_dir = ""  # tfds data_dir ("" = tfds default, ~/tensorflow_datasets)
     c.data.manual_dir = ""  # real datasets: the folder with the user's files
     c.data.prepare = True  # build the dataset when it is not in data_dir yet

@@ -11,6 +11,7 @@ from vlm_jax.checkpoints import converted, random_hf
 from vlm_jax.data import preprocess
 from vlm_jax.data.prompt import INTERNVL_SYSTEM_MESSAGE
 from vlm_jax.models.config import InternVLConfig
+from vlm_jax.pretrained import load_pretrained
 
 WORDS = ["man", "on", "the", "left", "red", "cup", "small", "dog"]
 GROUNDING = ("<ref>", "</ref>", "<box>", "</box>")  # special tokens in InternVL's tokenizer
@@ -27,9 +28,19 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def model(tok):
+def converted_dir(tok, tmp_path_factory):
+    """A tiny random checkpoint as `python -m vlm_jax.convert` writes it, with the tokenizer's files."""
     cfg = InternVLConfig.tiny(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(tokenizer.IMG_CONTEXT))
-    return random_hf.random_model(cfg, seed=0)
+    path = str(tmp_path_factory.mktemp("grounding") / "converted")
+    converted.save(path, cfg, random_hf.random_model(cfg, seed=0))
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(converted_dir):
+    # Loaded as the command line loads it, so the two share compiled programs.
+    return load_pretrained(converted_dir, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +48,7 @@ def examples():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for w, h in SIZES]
     # Image 1 twice (two expressions of one image, as RefCOCO records hold). Every prompt is 257..512 tokens long
-    # (one length bucket), so the tests compile few programs.
+    # (one length bucket), so the tests compile few programs (the command line's test reuses some).
     texts = ["the small red dog on the left of the man", "red cup", "man on the left", "cup"]
     which = [0, 1, 2, 1]
     return [grounding_eval.GroundingExample(images[j], t, [0.1, 0.2, 0.6, 0.9], image_id=j, ref_id=i)
@@ -69,45 +80,56 @@ def test_prompt_and_image_blocks_are_internvls(model, tok, examples):
 
 
 def test_the_evaluator_feeds_those_inputs_and_keeps_the_box_markup(model, tok, examples, monkeypatch):
-    """generate_ids replaced by a spy that answers with a fixed box: the inputs it sees are batch_inputs', and the
-    answer's special tokens (<ref>, <box>) survive decoding."""
-    answer = "<ref>man</ref><box>[[100, 200, 600, 900]]</box>"
-    answer_ids = tok.encode(answer, add_special_tokens=False)
-    assert tok.convert_tokens_to_ids("<box>") in answer_ids
+    """generate_ids replaced by a spy that answers each row with a box naming the row's tile count: the inputs it
+    sees are batch_inputs', the answers come back in the examples' order whatever the batching, and the answers'
+    special tokens (<ref>, <box>) survive decoding."""
     builder = grounding_eval.prompt_builder(model, tok)
+    ctx, q = model.config.image_token_id, model.config.num_image_tokens
     seen = []
+
+    def answer(tiles):
+        return f"<ref>x</ref><box>[[0, 0, {100 * tiles}, 900]]</box>"
 
     def spy(model, ids, mask, px, *, max_new_tokens, eos_token_id, pad_token_id):
         seen.append((ids, mask, px))
         out = np.full((ids.shape[0], max_new_tokens), pad_token_id)
-        out[:, :len(answer_ids) + 1] = answer_ids + [eos_token_id]
+        for row in range(ids.shape[0]):
+            answer_ids = tok.encode(answer(int((ids[row] == ctx).sum()) // q), add_special_tokens=False)
+            assert tok.convert_tokens_to_ids("<box>") in answer_ids
+            out[row, :len(answer_ids) + 1] = answer_ids + [eos_token_id]
         return out
 
     monkeypatch.setattr(generation, "generate_ids", spy)
+    tiles = [preprocess.num_tiles(ex.image.shape[1], ex.image.shape[0], 32, 1, 6) for ex in examples]
     result = grounding_eval.evaluate_grounding(model, tok, examples[:3], batch_size=3, sort_by_tiles=False,
                                                max_new_tokens=40)
     ids, mask, px, _ = grounding_eval.batch_inputs(model, builder, examples[:3])
     assert len(seen) == 1
     for got, want in zip(seen[0], (ids, mask, px)):
         np.testing.assert_array_equal(got, want)
-    assert result["answers"] == [answer] * 3
-    assert result["acc"] == 1.0 and result["unparsable"] == 0 and result["mean_iou"] == pytest.approx(1.0)
+    assert result["answers"] == [answer(n) for n in tiles[:3]]
+    assert result["unparsable"] == 0 and result["per_example"][0]["pred_box"] == [0.0, 0.0, 0.1, 0.9]
+    # Sorted by tile count (1, 3, 4, 4) in batches of 3, the last one padded with repeats: answers in input order.
+    seen.clear()
+    assert grounding_eval.generate_answers(model, tok, examples, batch_size=3, max_new_tokens=40) == \
+        [answer(n) for n in tiles]
+    assert [len(ids) for ids, _, _ in seen] == [3, 3]
 
 
 def test_random_model_end_to_end_batched_equals_one_at_a_time(model, tok, examples):
-    # Different tile counts in one batch (1, 4, 3 tiles), and a last batch of one real row + two repeats.
-    mixed = grounding_eval.evaluate_grounding(model, tok, examples, batch_size=3, sort_by_tiles=False,
+    # Images of 1 and 4 tiles in one batch; the second batch is one real row and a repeat.
+    chosen = [examples[i] for i in (0, 1, 3)]
+    mixed = grounding_eval.evaluate_grounding(model, tok, chosen, batch_size=2, sort_by_tiles=False,
                                               max_new_tokens=NEW)
-    assert mixed["num_examples"] == len(mixed["answers"]) == len(mixed["per_example"]) == len(examples)
+    assert mixed["num_examples"] == len(mixed["answers"]) == len(mixed["per_example"]) == len(chosen)
     assert all(isinstance(a, str) for a in mixed["answers"])
     per = mixed["per_example"]
     assert mixed["unparsable"] == sum(p["unparsable"] is not None for p in per)  # a random model: mostly these
     assert mixed["acc"] == np.mean([p["correct"] for p in per])
     json.dumps(grounding_eval._json_ready(mixed))  # dumps as strict JSON
     # Greedy decoding is deterministic: left padding and batch company must not change any answer.
-    alone = grounding_eval.generate_answers(model, tok, examples, batch_size=1, max_new_tokens=NEW)
-    grouped = grounding_eval.generate_answers(model, tok, examples, batch_size=3, max_new_tokens=NEW)
-    assert mixed["answers"] == alone == grouped
+    alone = grounding_eval.generate_answers(model, tok, chosen, batch_size=1, max_new_tokens=NEW)
+    assert mixed["answers"] == alone
     assert len(set(alone)) > 1  # the answers depend on the input (else the comparison proves little)
 
 
@@ -176,19 +198,16 @@ def _write_refcoco(root):
     (root / "refs.json").write_text(json.dumps(refs))
 
 
-def test_command_line_on_a_tiny_refcoco(model, tok, tmp_path):
-    ckpt = tmp_path / "converted"
-    converted.save(str(ckpt), model.config, model)
-    tok.save_pretrained(str(ckpt))
+def test_command_line_on_a_tiny_refcoco(converted_dir, tmp_path):
     _write_refcoco(tmp_path / "manual")
-    common = ["--converted_dir", str(ckpt), "--manual_dir", str(tmp_path / "manual"), "--data_dir",
+    common = ["--converted_dir", converted_dir, "--manual_dir", str(tmp_path / "manual"), "--data_dir",
               str(tmp_path / "tfds"), "--dtype", "float32", "--max_new_tokens", str(NEW)]
     with pytest.raises(ValueError, match="--converted_dir .*missing.* is not a directory"):
         grounding_eval.main(["--converted_dir", str(tmp_path / "missing"), *common[2:]])
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         grounding_eval.main([*common, "--split", "dev"])
     out = tmp_path / "results.json"
-    grounding_eval.main([*common, "--split", "val", "--batch_size", "3", "--output", str(out)])
+    grounding_eval.main([*common, "--split", "val", "--batch_size", "2", "--output", str(out)])
     saved = json.loads(out.read_text())
     assert saved["num_examples"] == 3 and len(saved["per_example"]) == 3
     assert [p["expression"] for p in saved["per_example"]] == ["red cup", "the small cup on the left", "dog"]
@@ -198,3 +217,24 @@ def test_command_line_on_a_tiny_refcoco(model, tok, tmp_path):
     # The built dataset has no testA: named, with the splits it has, before the weights are read.
     with pytest.raises(ValueError, match=r"no split 'testA'; available: \['validation'\]"):
         grounding_eval.main([*common, "--split", "testA"])
+    built = grounding_eval.refcoco_builder(data_dir=str(tmp_path / "tfds"))  # no manual_dir needed once built
+    assert [e.expression for e in grounding_eval.refcoco_examples(built, "val", max_examples=2)] == \
+        ["red cup", "the small cup on the left"]
+
+
+def test_images_are_read_as_stored_without_exif_rotation():
+    """COCO's boxes are in the stored pixel grid (as InternVL reads images): an EXIF orientation is not applied."""
+    import io
+
+    import PIL.Image
+
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (40, 16), (200, 10, 10)).save(buffer, format="JPEG", exif=exif)
+    data = buffer.getvalue()
+    assert preprocess.load_image(data).size == (16, 40)  # the generic loader turns it upright
+    assert grounding_eval.stored_pixels(data, "x").shape == (16, 40, 3)
+    assert grounding_eval.image_size_of(data, "x") == (40, 16)
+    with pytest.raises(ValueError, match="example 7: unreadable image"):
+        grounding_eval.stored_pixels(data[:20], "example 7")

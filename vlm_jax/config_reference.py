@@ -53,6 +53,8 @@ DESCRIPTIONS: dict[str, str] = {
     "model.embedding.embed_dim": "E: width of the L2-normalised image and text embeddings",
     "model.embedding.dropout": "dropout rate after the adapters' ReLU (training only)",
     "model.embedding.vision_pool": "ViT tokens -> one vector: 'cls' | 'mean' | 'map' (learned attention pooling)",
+    "model.embedding.tile_pool": "an image's tiles -> one vector: 'all' (vision_pool over every tile: mean of CLS, "
+                                 "mean or attention over all patches) | 'thumbnail' (the last tile)",
     "model.embedding.text_pool": "caption tokens -> one vector: 'last' (last valid "
                                  "token) | 'mean' | 'first' (sees only itself)",
     "model.embedding.fusion": "pair feature of the ITM / box / spatial heads: "

@@ -8,10 +8,13 @@ The protocol of OpenGVLab InternVL's RefCOCO evaluation (`internvl_chat/eval/ref
   ("internvl2_5" with InternVL's system message, as its `chat()` builds it), the image block first;
 - the image as dynamic tiles, up to 6 (`MAX_TILES`) plus the thumbnail, read as stored (no EXIF rotation: COCO's
   boxes are in the stored pixel grid, and InternVL reads images with `Image.open(...).convert("RGB")`);
-- greedy decoding; the answer `<ref>..</ref><box>[[x1, y1, x2, y2]]</box>` gives 0..1000 of the image's width (x)
-  and height (y);
+- greedy decoding (up to 100 new tokens); the answer `<ref>..</ref><box>[[x1, y1, x2, y2]]</box>` gives 0..1000 of
+  the image's width (x) and height (y);
 - accuracy: the fraction of expressions whose first box has IoU >= 0.5 with the truth; an unparsable answer is
-  wrong (`grounding.grounding_accuracy`).
+  wrong (`grounding.grounding_accuracy`). The answer is decoded with its special tokens (`<ref>`, `<box>` are
+  special in InternVL's tokenizer), and `grounding.parse_boxes` reads the `<box>` block; InternVL, which decodes
+  without them, takes the first `[a, b, c, d]` anywhere, so an answer holding a bare list and no `<box>` counts
+  there and not here.
 Boxes are compared in normalised coordinates (x / width, y / height) on both sides. Scaling x by the width and y by
 the height multiplies every area by width x height, so the IoU equals InternVL's, computed in pixels.
 
@@ -39,9 +42,13 @@ import numpy as np
 import PIL.Image
 from tqdm.auto import tqdm
 
-from vlm_jax import grounding
+from vlm_jax import generation, grounding
+from vlm_jax import tokenizer as tokenizer_lib
+from vlm_jax.checkpoints import converted
 from vlm_jax.data import preprocess
 from vlm_jax.data.prompt import INTERNVL_SYSTEM_MESSAGE, PromptBuilder
+from vlm_jax.inference import module_of
+from vlm_jax.pretrained import load_pretrained
 
 # The question of InternVL's RefCOCO evaluation, word for word.
 GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{}</ref>"
@@ -90,6 +97,16 @@ def as_examples(examples: Iterable) -> list[GroundingExample]:
 
 # ---- images and prompts -------------------------------------------------------------------------------------------
 
+def _open(image, name: str) -> PIL.Image.Image:
+    if not isinstance(image, (bytes, str, os.PathLike)):
+        raise ValueError(f"{name}: expected a path, encoded bytes, a PIL image or a uint8 array, got "
+                         f"{type(image).__name__}")
+    try:
+        return PIL.Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: unreadable image ({e})") from e
+
+
 def stored_pixels(image, name: str) -> np.ndarray:
     """uint8[H, W, 3] of the image as stored: no EXIF rotation (the grid the boxes are annotated in); alpha is
     dropped as InternVL's `.convert("RGB")` does. Errors name `name`."""
@@ -97,14 +114,11 @@ def stored_pixels(image, name: str) -> np.ndarray:
         return image  # checked by preprocess
     if isinstance(image, PIL.Image.Image):
         return np.asarray(image.convert("RGB"))
-    if isinstance(image, (bytes, str, os.PathLike)):
+    with _open(image, name) as pil:
         try:
-            with PIL.Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as pil:
-                return np.asarray(pil.convert("RGB"))
-        except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+            return np.asarray(pil.convert("RGB"))
+        except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as e:  # truncated data fails here
             raise ValueError(f"{name}: unreadable image ({e})") from e
-    raise ValueError(f"{name}: expected a path, encoded bytes, a PIL image or a uint8 array, got "
-                     f"{type(image).__name__}")
 
 
 def image_size_of(image, name: str) -> tuple[int, int]:
@@ -113,18 +127,13 @@ def image_size_of(image, name: str) -> tuple[int, int]:
         return int(image.shape[1]), int(image.shape[0])
     if isinstance(image, PIL.Image.Image):
         return image.size
-    try:
-        with PIL.Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as pil:
-            return pil.size
-    except (OSError, SyntaxError, TypeError) as e:
-        raise ValueError(f"{name}: unreadable image ({e})") from e
+    with _open(image, name) as pil:
+        return pil.size
 
 
 def prompt_builder(model, tokenizer, *, template: str = "internvl2_5",
                    system_message: str | None = INTERNVL_SYSTEM_MESSAGE) -> PromptBuilder:
     """The chat-template builder for `model`'s tiles (left padding: prompts are continued by generation)."""
-    from vlm_jax.inference import module_of
-
     return PromptBuilder(tokenizer, module_of(model).config.num_image_tokens, template,
                          system_message=system_message, padding_side="left")
 
@@ -136,8 +145,6 @@ def batch_inputs(model, builder: PromptBuilder, examples: Sequence[GroundingExam
     -> (input_ids int32[B, T] left-padded, attention_mask int32[B, T], pixel_values float32[N, S, S, 3] (every
     image's tiles in row order, S = the model's tile size), tiles int[B] per row).
     """
-    from vlm_jax.inference import module_of
-
     size = module_of(model).config.image_size
     names = names or [f"example {i}" for i in range(len(examples))]
     seqs, pixels, tiles, done = [], [], [], {}
@@ -174,8 +181,6 @@ def generate_answers(model, tokenizer, examples: Iterable, *, batch_size: int = 
     sort_by_tiles: batch examples of equal tile count together (fewer compiled shapes); False keeps the given
     order, so one batch mixes tile counts.
     """
-    from vlm_jax.generation import generate_ids
-
     examples = as_examples(examples)
     for what, value in (("batch_size", batch_size), ("max_tiles", max_tiles), ("max_new_tokens", max_new_tokens)):
         if not isinstance(value, (int, np.integer)) or value < 1:
@@ -187,8 +192,6 @@ def generate_answers(model, tokenizer, examples: Iterable, *, batch_size: int = 
              for i, ex in enumerate(examples)]
     order = list(range(len(examples)))
     if sort_by_tiles:
-        from vlm_jax.inference import module_of
-
         size = module_of(model).config.image_size
         counts = [preprocess.num_tiles(*image_size_of(ex.image, names[i]), size, 1, max_tiles, use_thumbnail)
                   for i, ex in enumerate(examples)]
@@ -202,8 +205,8 @@ def generate_answers(model, tokenizer, examples: Iterable, *, batch_size: int = 
         padded = chosen + [chosen[-1]] * (rows - len(chosen))
         ids, mask, px, _ = batch_inputs(model, builder, [examples[i] for i in padded], max_tiles=max_tiles,
                                         use_thumbnail=use_thumbnail, names=[names[i] for i in padded])
-        out = generate_ids(model, ids, mask, px, max_new_tokens=max_new_tokens, eos_token_id=builder.eos_id,
-                           pad_token_id=builder.pad_id)
+        out = generation.generate_ids(model, ids, mask, px, max_new_tokens=max_new_tokens,
+                                      eos_token_id=builder.eos_id, pad_token_id=builder.pad_id)
         for row, i in enumerate(chosen):
             answers[i] = answer_text(tokenizer, out[row], builder.eos_id)
     return answers
@@ -309,8 +312,6 @@ def refcoco_examples(builder, split: str, max_examples: int | None = None) -> li
 
 def _check_paths(converted_dir: str, output: str | None) -> None:
     """The cheap checks, before the dataset is built or the weights are read."""
-    from vlm_jax.checkpoints import converted
-
     if not os.path.isdir(converted_dir):
         raise ValueError(f"--converted_dir {converted_dir!r} is not a directory (write one with "
                          "`python -m vlm_jax.convert --checkpoint HF_DIR --output DIR`)")
@@ -337,10 +338,6 @@ def _json_ready(x):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from vlm_jax import tokenizer as tokenizer_lib
-    from vlm_jax.checkpoints import converted
-    from vlm_jax.pretrained import load_pretrained
-
     for what in ("batch_size", "max_tiles", "max_new_tokens"):
         if getattr(args, what) < 1:
             raise ValueError(f"--{what} must be >= 1, got {getattr(args, what)}")

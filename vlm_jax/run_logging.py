@@ -64,9 +64,20 @@ def train_tags(summary: Mapping[str, float], diagnostics: Iterable[str]) -> dict
         if k in group_norms and len(group_norms) == 1:
             continue
         is_loss = k not in diagnostics and k not in ("grad_norm", "nonfinite", "skipped", "steps_per_sec") \
-            and not k.startswith(("grad_norm/", "lr/"))
+            and not k.startswith(("grad_norm/", "lr/", "data/"))
         out[f"loss/train/{k}" if is_loss else f"train/{k}"] = v
     return out
+
+
+def data_window(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, float]:
+    """The input pipeline over a logging window (`PipelineIterator.stats` at its start and end): the padding
+    fractions of the tile arrays and prompts, and the images re-tiled to fit the tile budget."""
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("tiles", "padding_tiles", "prompt_tokens",
+                                                             "padding_tokens", "retiled_images")}
+    fraction = lambda pad, real: pad / max(pad + real, 1)  # noqa: E731
+    return {"data/tile_padding": fraction(delta["padding_tiles"], delta["tiles"]),
+            "data/token_padding": fraction(delta["padding_tokens"], delta["prompt_tokens"]),
+            "data/retiled_images": float(delta["retiled_images"])}
 
 
 def eval_tags(split: str, results: Mapping[str, float]) -> dict[str, float]:

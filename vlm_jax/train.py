@@ -26,7 +26,7 @@ import ml_collections
 from vlm_jax import build, config_check, config_reference, console, evaluate, run_summary, runs, sharding
 from vlm_jax import workdir as workdir_lib
 from vlm_jax.checkpoints import run as run_checkpoints
-from vlm_jax.run_logging import RunLog, train_tags, window_summary
+from vlm_jax.run_logging import RunLog, data_window, train_tags, window_summary
 from vlm_jax.trainer import make_trainer
 
 
@@ -140,6 +140,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
     examples: dict[str, Any] = {}
     diagnostics = trainer.diagnostic_terms
     window_start = time.monotonic()
+    window_data = train_iter.stats
 
     def checkpoint(step, metrics=None):
         checkpoints.save(step, state.model_state(), state.train_items(), train_iter, meta, metrics)
@@ -184,6 +185,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
                 pending, window_start = [], now
                 for group, sched in trainer.opt.schedules.items():
                     summary[f"lr/{group}"] = float(sched((step - 1) // trainer.opt.accum_steps))
+                data_stats = train_iter.stats
+                summary.update(data_window(window_data, data_stats))
+                if step == log_every or step == num_steps:
+                    logging.info("Input padding: %.1f %% of tiles, %.1f %% of prompt tokens; %d images re-tiled",
+                                 100 * summary["data/tile_padding"], 100 * summary["data/token_padding"],
+                                 summary["data/retiled_images"])
+                window_data = data_stats
                 log.scalars(step, train_tags(summary, diagnostics))
             evaluated = evaluating and ((eval_every and step % eval_every == 0) or step == num_steps)
             if evaluated:
