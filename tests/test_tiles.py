@@ -78,14 +78,14 @@ def _eval(model, batch):
     return model(batch, train=False)
 
 
-@pytest.mark.parametrize("pool", [("cls", "all"), ("map", "all"), ("mean", "thumbnail")])
+@pytest.mark.parametrize("pool", [("map", "all"), ("cls", "thumbnail")])
 def test_shared_tiles_equal_tiles_stored_per_row(backbone, pool):
     """The ViT output of a shared tile serves every row that shows its image; padding tiles change nothing."""
     model = _model(backbone, vision_pool=pool[0], tile_pool=pool[1])
     q = backbone.config.num_image_tokens
-    shared, _, _ = tiled_batch(q, share=True)
-    per_row, _, _ = tiled_batch(q, share=False, padding_tiles=5, seed=0)
-    assert len(shared["tiles"]) < len(per_row["tiles"])
+    shared, _, _ = tiled_batch(q, share=True, padding_tiles=5)  # 9 tiles + 5 padding
+    per_row, _, _ = tiled_batch(q, share=False, padding_tiles=2)  # 12 tiles + 2 padding: the same compiled shapes
+    assert shared["tiles"].shape == per_row["tiles"].shape
     a, b = _eval(model, shared), _eval(model, per_row)
     for k in ("image_emb", "box_pred", "spatial_logits", "itm_logits"):
         np.testing.assert_allclose(a[k], b[k], atol=2e-5, err_msg=k)

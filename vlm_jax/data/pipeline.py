@@ -217,7 +217,7 @@ def _text(x) -> str:
 @dataclasses.dataclass
 class _Encoder:
     """Record + caption index -> one example (decode and tile the image, tokenise the caption); the batch's prompts
-    are built by `_Batcher`, which knows every image's final tile count."""
+    are built by `Batcher`, which knows every image's final tile count."""
 
     dataset: str
     builder: prompt_lib.PromptBuilder  # copies with the caption and prompt length limits
@@ -285,7 +285,7 @@ class _Encoder:
         return {"scene_keys": keys, "scene_boxes": boxes}
 
     def __call__(self, record: dict, k: int) -> dict:
-        """The example: caption fields, and the image's tiles under private keys for `_Batcher`."""
+        """The example: caption fields, and the image's tiles under private keys for `Batcher`."""
         out = self.caption(record, k)
         image_id = int(record["image_id"])
         image = preprocess.load_image(record["image"], name=f"{self.dataset} image_id={image_id}")
@@ -298,7 +298,7 @@ _PRIVATE = ("_image_tiles", "_image_regions", "_encoded", "_caption")
 
 
 @dataclasses.dataclass
-class _Batcher:
+class Batcher:
     """Examples -> one batch: row fields stacked, the distinct images' tiles packed into a bucketed tile array,
     prompts built with each image's tile count and padded to a bucketed length (see the module docstring)."""
 
@@ -385,6 +385,19 @@ class _Pair:
         out = self.encode(self.source[record_index], k)
         out["valid"] = np.bool_(valid)
         return out
+
+
+def make_batcher(data_config: ml_collections.ConfigDict, encode, rows: int, *, tile_multiple: int = 1,
+                 share_images: bool) -> Batcher:
+    """The batch function for `rows` examples of `encode` (an `_Encoder`, or anything with its `tiles`,
+    `use_thumbnail`, `image_size`, `prompts` and `prompt_length`): the tile budget, `tile_buckets` tile-array
+    sizes (multiples of `tile_multiple`) and as many prompt lengths (multiples of 8, none past the longest)."""
+    budget = tile_budget(data_config, rows)
+    count = int(data_config.tile_buckets)
+    longest = int(encode.prompt_length)
+    prompt_sizes = tuple(sorted({min(n, longest) for n in bucket_sizes(longest, count, 8)}))
+    return Batcher(encode, tiles_per_image(data_config), budget, bucket_sizes(budget, count, tile_multiple),
+                   prompt_sizes, share_images=share_images)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -496,11 +509,7 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
                       prompt_length=prompt_length(data_config, inputs), min_tiles=int(data_config.min_tiles),
                       max_tiles=int(data_config.max_tiles), use_thumbnail=bool(data_config.use_thumbnail),
                       scene_size=scene_size(builder), with_queries="subjects" in features and "references" in features)
-    budget = tile_budget(data_config, local_batch_size)
-    count = int(data_config.tile_buckets)
-    prompt_sizes = tuple(sorted({min(n, encode.prompt_length) for n in bucket_sizes(encode.prompt_length, count, 8)}))
-    batcher = _Batcher(encode, tiles_per_image(data_config), budget, bucket_sizes(budget, count, tile_multiple),
-                       prompt_sizes, share_images=not train)
+    batcher = make_batcher(data_config, encode, local_batch_size, tile_multiple=tile_multiple, share_images=not train)
     if train:
         indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
         if len(indices) < local_batch_size:
