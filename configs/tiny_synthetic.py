@@ -110,6 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.use_thumbnail = True
     c.data.tile_budget = 0.0  # tiles per image a batch may hold on average (0 = max_tiles + thumbnail: no re-tiling)
     c.data.tile_buckets = 4  # tile-array sizes (and prompt lengths) a batch is padded to: compiled step shapes
+    # Generative targets for the lm task (vlm_jax.data.generative): question kinds made per example; () = none.
+    c.data.lm_kinds = ()
+    c.data.max_lm_length = -1  # -1 = room for the image block, the longest question, an answer and a box
 
     c.optim = ml_collections.ConfigDict()
     # Ordered (regex over '/'-joined parameter paths, group); first full match wins; 'frozen' = not trained.

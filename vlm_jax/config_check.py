@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import ml_collections
 
+from vlm_jax.data import generative
+
 
 class ConfigError(ValueError):
     pass
@@ -97,6 +99,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
          f"data.name={config.data.name!r} has none")
     need(0 <= rate < 1, f"lora.dropout={rate}: expected a rate in [0, 1)")
     data = config.data
+    kinds = tuple(data.get("lm_kinds", ()))
+    need(set(kinds) <= set(generative.KINDS),
+         f"data.lm_kinds={kinds}: expected some of {generative.KINDS}")
+    need("lm" not in config.tasks or bool(kinds),
+         "tasks.lm needs generative targets: set data.lm_kinds (e.g. ('caption', 'grounding', 'relation'))")
     need(1 <= int(data.min_tiles) <= int(data.max_tiles),
          f"data.min_tiles={data.min_tiles}, data.max_tiles={data.max_tiles}: expected 1 <= min_tiles <= max_tiles")
     need(float(data.tile_budget) == 0 or float(data.tile_budget) >= 1,

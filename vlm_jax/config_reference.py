@@ -64,7 +64,8 @@ DESCRIPTIONS: dict[str, str] = {
     "model.embedding.logit_scale_init": "initial contrastive logit scale (1 / temperature; learned as its log)",
     "model.embedding.logit_scale_max": "upper clip of the learned logit scale (>= logit_scale_init)",
 
-    "tasks": "the tasks trained, one section each (itc, itm, box, spatial); loss = sum of weight * task loss",
+    "tasks": "the tasks trained, one section each (itc, itm, box, spatial, detection, lm); loss = sum of weight * "
+             "task loss",
     "tasks.*.weight": "scale of this task's loss in the total loss",
     "tasks.itc": "image-text contrastive retrieval: symmetric InfoNCE over in-batch negatives; metrics R@1/5/10",
     "tasks.itc.matryoshka": "> 0: adds this times the mean contrastive loss over matryoshka_dims (0 = off)",
@@ -100,6 +101,10 @@ DESCRIPTIONS: dict[str, str] = {
     "tasks.detection.giou": "weight of the matched 1 - GIoU loss (and of -GIoU in the matching cost)",
     "tasks.detection.class_weight": "weight of the matched queries' class cross-entropy (and -p(class) cost)",
     "tasks.detection.aux_loss": "the heads and losses on every decoder layer, not only the last",
+    "tasks.lm": "language-model targets: next-token cross-entropy on generated answers (caption, grounding box, "
+                "relation) after the prompt with the image block",
+    "tasks.lm.chunk_size": "> 0: logits formed this many positions at a time (no [B, T, V] float32 tensor)",
+    "tasks.lm.span_weights": "weight of each answer span's tokens: caption, grounding, relation, box (coordinates)",
     "tasks.detection.matching": "'jax' (on device) | 'scipy' (host callback): see vlm_jax.matching",
 
     "data": "dataset and input pipeline (vlm_jax.data.pipeline); tile size and tokenizer come from the model",
@@ -131,6 +136,10 @@ DESCRIPTIONS: dict[str, str] = {
     "data.use_thumbnail": "max_tiles > 1: add a whole-image thumbnail tile",
     "data.tile_budget": "tiles per image a batch holds on average; a batch over it re-tiles its largest images with "
                         "fewer tiles (counted); 0 = max_tiles + thumbnail (never)",
+    "data.lm_kinds": "generative targets the pipeline makes for the lm task: some of caption, grounding, relation; "
+                     "() = none",
+    "data.max_lm_length": "longest LM sequence (prompt + image block + answer; longer answers are cut and "
+                          "counted); -1 = room for the image block, the longest question, an answer and a box",
     "data.tile_buckets": "sizes the tile array and prompts are padded to (the step compiles one shape per size)",
 
     "optim": "parameter groups, freezing and AdamW (vlm_jax.optim)",

@@ -193,6 +193,51 @@ def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0)
 IGNORE_INDEX = -100  # transformers' label of tokens that are not predicted (prompt, image, padding)
 
 
+def token_cross_entropy(logits, labels, *, head=None, chunk_size: int = 0):
+    """Per-token shifted cross-entropy: position t predicts labels[t + 1].
+
+    logits float[B, T, V] (or hidden float[B, T, D] with `head`, see `next_token_loss`), labels int[B, T] ->
+    (float32[B, T-1] cross-entropy, 0 where not counted; bool[B, T-1] the argmax is the label; bool[B, T-1] counted,
+    i.e. label != IGNORE_INDEX). With chunk_size > 0 the float32 logits of one chunk of positions exist at a time.
+    """
+    x, target = logits[:, :-1], labels[:, 1:]
+    counted = target != IGNORE_INDEX
+    safe = jnp.where(counted, target, 0).astype(jnp.int32)
+
+    def per_token(xc, tc):  # [B, t, D or V], int[B, t] -> (float32[B, t], bool[B, t])
+        lg = (head(xc) if head is not None else xc).astype(jnp.float32)
+        ce = jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, tc[..., None], -1)[..., 0]
+        return ce, jnp.argmax(lg, -1) == tc
+
+    steps = x.shape[1]
+    if chunk_size > 0 and steps > chunk_size:
+        n = -(-steps // chunk_size)
+        pad = n * chunk_size - steps
+        xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        ts = jnp.pad(safe, ((0, 0), (0, pad)))
+        split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, chunk_size, *a.shape[2:]), 1, 0)  # noqa: E731
+        merge = lambda a: jnp.moveaxis(a, 0, 1).reshape(x.shape[0], -1)[:, :steps]  # noqa: E731
+        ce, correct = jax.lax.map(jax.checkpoint(lambda a: per_token(*a)), (split(xs), split(ts)))  # [n, B, chunk]
+        ce, correct = merge(ce), merge(correct)
+    else:
+        ce, correct = per_token(x, safe)
+    return jnp.where(counted, ce, 0.0), correct & counted, counted
+
+
+def weighted_token_loss(ce, counted, weights=None, spans=None) -> dict:
+    """float32[B, t] per-token cross-entropy, bool[B, t] counted [, float[B, t] weights, {name: bool[B, t]}] ->
+    {"loss": sum of weight x ce over counted tokens / their count, "tokens", and per span `<name>` (its mean
+    cross-entropy) and `<name>_tokens`}."""
+    w = jnp.ones_like(ce) if weights is None else weights.astype(jnp.float32)
+    tokens = jnp.sum(counted).astype(jnp.float32)
+    out = {"loss": jnp.sum(jnp.where(counted, w * ce, 0.0)) / jnp.maximum(tokens, 1.0), "tokens": tokens}
+    for name, mask in (spans or {}).items():
+        in_span = mask.astype(bool) & counted
+        out[name] = _masked_mean(ce, in_span)
+        out[f"{name}_tokens"] = jnp.sum(in_span).astype(jnp.float32)
+    return out
+
+
 def next_token_loss(logits, labels, weights=None, *, spans=None, head=None, chunk_size: int = 0) -> dict:
     """Shifted next-token cross-entropy with transformers' conventions, in float32.
 
@@ -212,31 +257,6 @@ def next_token_loss(logits, labels, weights=None, *, spans=None, head=None, chun
     Returns:
       {"loss": float32[], "tokens": float32[] counted tokens, and the span terms}.
     """
-    x, target = logits[:, :-1], labels[:, 1:]
-    counted = target != IGNORE_INDEX
-    safe = jnp.where(counted, target, 0).astype(jnp.int32)
-
-    def token_ce(xc, tc):  # [B, t, D or V], int[B, t] -> float32[B, t]
-        lg = (head(xc) if head is not None else xc).astype(jnp.float32)
-        return jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, tc[..., None], -1)[..., 0]
-
-    steps = x.shape[1]
-    if chunk_size > 0 and steps > chunk_size:
-        n = -(-steps // chunk_size)
-        pad = n * chunk_size - steps
-        xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-        ts = jnp.pad(safe, ((0, 0), (0, pad)))
-        split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, chunk_size, *a.shape[2:]), 1, 0)  # noqa: E731
-        ce = jax.lax.map(jax.checkpoint(lambda a: token_ce(*a)), (split(xs), split(ts)))  # [n, B, chunk]
-        ce = jnp.moveaxis(ce, 0, 1).reshape(x.shape[0], -1)[:, :steps]
-    else:
-        ce = token_ce(x, safe)
-    ce = jnp.where(counted, ce, 0.0)
-    w = jnp.ones_like(ce) if weights is None else weights[:, 1:].astype(jnp.float32)
-    tokens = jnp.sum(counted).astype(jnp.float32)
-    out = {"loss": jnp.sum(jnp.where(counted, w * ce, 0.0)) / jnp.maximum(tokens, 1.0), "tokens": tokens}
-    for name, mask in (spans or {}).items():
-        in_span = mask[:, 1:].astype(bool) & counted
-        out[name] = _masked_mean(ce, in_span)
-        out[f"{name}_tokens"] = jnp.sum(in_span).astype(jnp.float32)
-    return out
+    ce, _, counted = token_cross_entropy(logits, labels, head=head, chunk_size=chunk_size)
+    return weighted_token_loss(ce, counted, None if weights is None else weights[:, 1:],
+                               {k: v[:, 1:] for k, v in (spans or {}).items()})

@@ -176,6 +176,7 @@ class MultitaskModel(nnx.Module):
         self.tasks = nnx.Dict({name: tasks_lib.TASKS[name](task_configs[name], widths, rngs=rngs)
                                for name in sorted(task_configs.keys())})
         self.reads_query = any(t.reads_query for t in self.tasks.values())
+        self.reads_lm = any(t.reads_lm for t in self.tasks.values())
         if self.reads_query and embedding.fusion != "late":
             raise ValueError("a task reads the spatial query (tasks.spatial.query='objects'), which needs "
                              f"model.embedding.fusion='late'; got {embedding.fusion!r}")
@@ -219,14 +220,15 @@ class MultitaskModel(nnx.Module):
         image_emb = self._image_branch(row_hidden, present, train)
         text_emb = self._text_branch(text_hidden, batch["text_mask"], train)
 
+        row_tokens = None
+        if self.config.fusion == "lm" or self.reads_lm:
+            image_tokens = backbone.image_embeddings_from_hidden(vision_hidden, tiles.shape[1:3])  # [N, Q, D]
+            # Each row's tiles' tokens in order; its prompt holds Q * num_tiles image tokens, so padding is never read.
+            row_tokens = einops.rearrange(rows_of_tiles(image_tokens, row_tiles)[0], "B T Q D -> B (T Q) D")
         if self.config.fusion == "late":
             def fuse(pair_image, pair_text):
                 return late_fusion_features(image_emb[pair_image], text_emb[pair_text], self.config.fusion_features)
         else:
-            image_tokens = backbone.image_embeddings_from_hidden(vision_hidden, tiles.shape[1:3])  # [N, Q, D]
-            # Each row's tiles' tokens in order; its prompt holds Q * num_tiles image tokens, so padding is never read.
-            row_tokens = einops.rearrange(rows_of_tiles(image_tokens, row_tiles)[0], "B T Q D -> B (T Q) D")
-
             def fuse(pair_image, pair_text):
                 ids, mask = splice_prompts(batch["prompt_ids"], batch["prompt_mask"],
                                            self.backbone.config.image_token_id, pair_image, pair_text)
@@ -243,6 +245,13 @@ class MultitaskModel(nnx.Module):
                                                            attention_mask=batch["query_mask"])
             query_emb = self._text_branch(query_hidden, batch["query_mask"], train)
             query_fused = late_fusion_features(image_emb, query_emb, self.config.fusion_features)
+        lm_hidden = None
+        if self.reads_lm:
+            if "lm_ids" not in batch:
+                raise ValueError("the lm task needs lm_ids / lm_labels in the batch: set config.data.lm_kinds (the "
+                                 "generative targets the pipeline makes)")
+            embeds = backbone.merge_row_image_embeddings(batch["lm_ids"], row_tokens)
+            lm_hidden, _ = backbone.language_model(inputs_embeds=embeds, attention_mask=batch["lm_mask"])
         if "image_id" in batch:
             negatives = caption_truth.batch_truth(batch) == caption_truth.FALSE
         else:
@@ -260,7 +269,8 @@ class MultitaskModel(nnx.Module):
             image_emb=image_emb, text_emb=text_emb, logit_scale=self.scale(), fused=fuse(rows, rows), fuse=fuse,
             valid=tasks_lib.batch_valid(batch, b),
             image_id=batch.get("image_id"), negatives=negatives, query_fused=query_fused,
-            rng=self.sample_rng() if train else None, text_hidden=text_hidden, text_mask=batch["text_mask"])
+            rng=self.sample_rng() if train else None, text_hidden=text_hidden, text_mask=batch["text_mask"],
+            lm_hidden=lm_hidden, lm_head=backbone.logits)
 
     # ---- tasks -------------------------------------------------------------------------------------------------
 

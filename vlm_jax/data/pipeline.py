@@ -82,14 +82,14 @@ from etils import epath
 
 from vlm_jax import caption_truth
 from vlm_jax import tokenizer as tokenizer_lib
-from vlm_jax.data import preprocess
+from vlm_jax.data import generative, preprocess
 from vlm_jax.data import prompt as prompt_lib
 from vlm_jax.data.datasets import relations
 
 if TYPE_CHECKING:
     from vlm_jax.models.config import InternVLConfig
 
-COUNTERS = ("truncated_captions", "truncated_prompts", "retiled_images", "tiles", "padding_tiles", "prompt_tokens",
+COUNTERS = ("truncated_captions", "truncated_prompts", "truncated_answers", "retiled_images", "tiles", "padding_tiles", "prompt_tokens",
             "padding_tokens")
 
 
@@ -189,6 +189,16 @@ def prompt_length(data_config: ml_collections.ConfigDict, inputs: ModelInputs) -
     return image_tokens + int(data_config.max_text_length) + 16  # 16: template tokens and image delimiters
 
 
+def lm_length(data_config: ml_collections.ConfigDict, inputs: ModelInputs) -> int:
+    """The longest LM sequence (generative targets): `max_lm_length`, or a bound on any target with T tiles
+    (`generative.longest_sequence`: the image block, the question, an answer of max_text_length tokens, a box)."""
+    if data_config.get("max_lm_length", -1) > 0:
+        return int(data_config.max_lm_length)
+    return generative.longest_sequence(make_prompt_builder(data_config, inputs),
+                                       inputs.num_image_tokens * tiles_per_image(data_config),
+                                       int(data_config.max_text_length))
+
+
 def tile_budget(data_config: ml_collections.ConfigDict, rows: int) -> int:
     """The most tiles a batch of `rows` images holds: rows * `tile_budget` (tiles per image on average; 0 = T)."""
     per_image = float(data_config.tile_budget) or tiles_per_image(data_config)
@@ -229,6 +239,8 @@ class _Encoder:
     use_thumbnail: bool
     scene_size: int  # N of scene_keys / scene_boxes
     with_queries: bool  # the records name each caption's subject and reference
+    lm_kinds: tuple[str, ...] = ()  # generative targets (`generative.KINDS`) of the LM task; () = none
+    lm_length: int = 0  # the longest LM sequence
 
     def __post_init__(self):
         self._captions = copy.copy(self.builder)
@@ -284,9 +296,12 @@ class _Encoder:
             boxes[: len(names)] = np.asarray(record["object_boxes"], np.float32).reshape(-1, 4)
         return {"scene_keys": keys, "scene_boxes": boxes}
 
-    def __call__(self, record: dict, k: int) -> dict:
-        """The example: caption fields, and the image's tiles under private keys for `Batcher`."""
+    def __call__(self, record: dict, k: int, kind: str | None = None) -> dict:
+        """The example: caption fields, and under private keys for `Batcher` the image's tiles and (`kind`) the
+        generative target."""
         out = self.caption(record, k)
+        if kind is not None:
+            out["_target"] = generative.make_target(record, k, kind)
         image_id = int(record["image_id"])
         image = preprocess.load_image(record["image"], name=f"{self.dataset} image_id={image_id}")
         tiles, regions = self.tiles(image, image_id, self.max_tiles)
@@ -294,7 +309,7 @@ class _Encoder:
         return out
 
 
-_PRIVATE = ("_image_tiles", "_image_regions", "_encoded", "_caption")
+_PRIVATE = ("_image_tiles", "_image_regions", "_encoded", "_caption", "_target")
 
 
 @dataclasses.dataclass
@@ -308,6 +323,7 @@ class Batcher:
     tile_sizes: tuple[int, ...]  # allowed N, ascending; the last >= budget
     prompt_sizes: tuple[int, ...]  # allowed Lp, ascending
     share_images: bool  # rows with the same image_id share its tiles (evaluation)
+    lm_sizes: tuple[int, ...] = ()  # allowed LM sequence lengths, ascending (with generative targets)
 
     def __call__(self, examples: Sequence[dict]) -> dict:
         slots: dict[Any, int] = {}
@@ -352,11 +368,39 @@ class Batcher:
         prompt_ids, prompt_mask = prompts.batch(seqs, length=length, padding_side="right")
 
         out = {k: np.stack([ex[k] for ex in examples]) for k in examples[0] if k not in _PRIVATE}
+        if "_target" in examples[0]:
+            out.update(self.lm_sequences(examples, num_tiles))
         real_tokens = sum(len(seq) for seq in seqs)
         out.update(tiles=tiles, tile_regions=regions, row_tiles=row_tiles, num_tiles=num_tiles, prompt_ids=prompt_ids,
                    prompt_mask=prompt_mask, _truncated_prompts=np.int32(prompts.num_truncated - before),
                    _retiled_images=np.int32(retiled), _tiles=np.int32(total), _padding_tiles=np.int32(n - total),
                    _prompt_tokens=np.int32(real_tokens), _padding_tokens=np.int32(rows * length - real_tokens))
+        return out
+
+    def lm_sequences(self, examples: Sequence[dict], num_tiles: np.ndarray) -> dict:
+        """lm_ids, lm_labels, lm_spans int32[B, Lg], lm_mask int32[B, Lg], lm_kind int32[B] (index in
+        `generative.KINDS`), padded to the smallest LM bucket; answers past the limit cut and counted."""
+        prompts, limit = self.encode.prompts, self.encode.lm_length
+        seqs, cut = [], 0
+        for r, ex in enumerate(examples):
+            full = generative.encode(prompts, ex["_target"], int(num_tiles[r]))
+            kept = generative.truncate(*full, limit, prompts.eos_id)
+            if kept is None:
+                raise ValueError(f"{self.encode.dataset} image_id={int(ex['image_id'])}: the question and image "
+                                 f"block take {len(full[0])} tokens, more than the LM length {limit}")
+            cut += len(kept[0]) < len(full[0])
+            seqs.append(kept)
+        longest = max(len(ids) for ids, _, _ in seqs)
+        length = next(n for n in self.lm_sizes if n >= longest)
+        out = {name: np.full((len(seqs), length), fill, np.int32)
+               for name, fill in (("lm_ids", prompts.pad_id), ("lm_labels", generative.IGNORE_INDEX),
+                                  ("lm_spans", 0), ("lm_mask", 0))}
+        for r, (ids, labels, spans) in enumerate(seqs):
+            n = len(ids)
+            out["lm_ids"][r, :n], out["lm_labels"][r, :n], out["lm_spans"][r, :n] = ids, labels, spans
+            out["lm_mask"][r, :n] = 1
+        out["lm_kind"] = np.asarray([generative.KINDS.index(ex["_target"].kind) for ex in examples], np.int32)
+        out["_truncated_answers"] = np.int32(cut)
         return out
 
 
@@ -370,7 +414,8 @@ class _RandomCaption:
     def __call__(self, index: int, rng: np.random.Generator) -> dict:
         record = self.source[index]
         k = int(rng.integers(len(record["captions"])))
-        return self.encode(record, k)
+        kinds = self.encode.lm_kinds
+        return self.encode(record, k, generative.pick_kind(kinds, rng, index) if kinds else None)
 
 
 @dataclasses.dataclass
@@ -382,7 +427,9 @@ class _Pair:
 
     def __call__(self, item) -> dict:
         record_index, k, valid = (int(v) for v in item)
-        out = self.encode(self.source[record_index], k)
+        kinds = self.encode.lm_kinds
+        out = self.encode(self.source[record_index], k,
+                          generative.pick_kind(kinds, None, record_index + k) if kinds else None)
         out["valid"] = np.bool_(valid)
         return out
 
@@ -394,10 +441,10 @@ def make_batcher(data_config: ml_collections.ConfigDict, encode, rows: int, *, t
     sizes (multiples of `tile_multiple`) and as many prompt lengths (multiples of 8, none past the longest)."""
     budget = tile_budget(data_config, rows)
     count = int(data_config.tile_buckets)
-    longest = int(encode.prompt_length)
-    prompt_sizes = tuple(sorted({min(n, longest) for n in bucket_sizes(longest, count, 8)}))
+    lengths = lambda longest: tuple(sorted({min(n, longest) for n in bucket_sizes(longest, count, 8)}))  # noqa: E731
+    lm_sizes = lengths(int(encode.lm_length)) if getattr(encode, "lm_kinds", ()) else ()
     return Batcher(encode, tiles_per_image(data_config), budget, bucket_sizes(budget, count, tile_multiple),
-                   prompt_sizes, share_images=share_images)
+                   lengths(int(encode.prompt_length)), share_images=share_images, lm_sizes=lm_sizes)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -508,7 +555,8 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
                       image_size=inputs.image_size, text_length=int(data_config.max_text_length),
                       prompt_length=prompt_length(data_config, inputs), min_tiles=int(data_config.min_tiles),
                       max_tiles=int(data_config.max_tiles), use_thumbnail=bool(data_config.use_thumbnail),
-                      scene_size=scene_size(builder), with_queries="subjects" in features and "references" in features)
+                      scene_size=scene_size(builder), with_queries="subjects" in features and "references" in features,
+                      lm_kinds=tuple(data_config.get("lm_kinds", ())), lm_length=lm_length(data_config, inputs))
     batcher = make_batcher(data_config, encode, local_batch_size, tile_multiple=tile_multiple, share_images=not train)
     if train:
         indices = grain.MapDataset.range(len(source))[shard_index::shard_count]

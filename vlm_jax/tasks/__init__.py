@@ -9,9 +9,10 @@ from vlm_jax.tasks.box import BoxTask
 from vlm_jax.tasks.detection import DetectionTask
 from vlm_jax.tasks.itc import ContrastiveTask
 from vlm_jax.tasks.itm import MatchingTask
+from vlm_jax.tasks.lm import LanguageModelTask
 from vlm_jax.tasks.spatial import SpatialTask
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ContrastiveTask, MatchingTask, BoxTask, SpatialTask,
-                                                           DetectionTask)}
+                                                           DetectionTask, LanguageModelTask)}
 
 __all__ = ["TASKS", "Features", "Task", "Widths", "batch_valid", "total_loss"]

@@ -11,6 +11,8 @@ A task is an `nnx.Module` subclass of `Task` with
   headline_metrics   the few metrics the console shows after each evaluation;
   reads_query        (attribute) True when the task reads `Features.query_fused` (the model then encodes the
                      batch's `query_ids`);
+  reads_lm           (attribute) True when the task reads `Features.lm_hidden` (the model then runs the language
+                     model over the batch's `lm_ids` with the image tokens);
   metric_names       the keys `metrics` returns (``config.checkpoint.best_metric`` is checked against them);
   __init__(cfg, widths, *, rngs)        cfg = config.tasks.<name>, widths = `Widths` of the shared features;
   __call__(features, batch, *, train)   -> dict of outputs;
@@ -68,6 +70,9 @@ class Features:
     rng            PRNG key or None   for sampling in training (None in evaluation: deterministic)
     text_hidden    float[B, L, D]     the caption's LM hidden states (the detection decoder's text memory)
     text_mask      int[B, L]          1 on the caption's tokens
+    lm_hidden      float[B, Lg, D] or None  the LM over `lm_ids` (prompt with the row's image tokens + answer);
+                                      None unless a task reads it (`reads_lm`)
+    lm_head        float[..., D] -> float32[..., V]: the LM's output layer (logits from `lm_hidden`)
     """
 
     vision_hidden: jax.Array
@@ -87,6 +92,8 @@ class Features:
     rng: jax.Array | None
     text_hidden: jax.Array | None = None
     text_mask: jax.Array | None = None
+    lm_hidden: jax.Array | None = None
+    lm_head: Callable[[jax.Array], jax.Array] | None = None
 
 
 class Task(nnx.Module):
@@ -100,6 +107,7 @@ class Task(nnx.Module):
     diagnostic_terms: ClassVar[tuple[str, ...]] = ()
     headline_metrics: ClassVar[tuple[str, ...]] = ()
     reads_query: bool = False
+    reads_lm: bool = False
 
     def __init__(self, cfg: ml_collections.ConfigDict, widths: Widths, *, rngs: nnx.Rngs):
         self.weight = float(cfg.weight)
