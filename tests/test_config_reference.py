@@ -13,7 +13,7 @@ from vlm_jax import config_files, config_reference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # get_config arguments of the files that take one (``--config file.py:argument``); None = get_config().
-ARGUMENTS = {"internvl3_1b_retrieval_stage2.py": (None, "stage1")}
+ARGUMENTS = {"internvl3_1b_retrieval_stage2.py": (None, "stage1"), "internvl3_1b_sft.py": (None, "lora")}
 SHIPPED = [f"{p.name}:{a}" if a else p.name for p in sorted((REPO / "configs").glob("*.py"))
            for a in ARGUMENTS.get(p.name, (None,))]
 LINE = re.compile(r"^(?P<indent> *)(?P<name>[\w.]+)(?P<rest>:| = (?P<value>.*?))(?:  +# (?P<note>.+))?$")

@@ -53,8 +53,8 @@ DESCRIPTIONS: dict[str, str] = {
     "model.embedding.embed_dim": "E: width of the L2-normalised image and text embeddings",
     "model.embedding.dropout": "dropout rate after the adapters' ReLU (training only)",
     "model.embedding.vision_pool": "ViT tokens -> one vector: 'cls' | 'mean' | 'map' (learned attention pooling)",
-    "model.embedding.tile_pool": "an image's tiles -> one vector: 'all' (vision_pool over every tile: mean of CLS, "
-                                 "mean or attention over all patches) | 'thumbnail' (the last tile)",
+    "model.embedding.tile_pool": "an image's tiles -> one vector: 'all' (vision_pool over every tile) | "
+                                 "'thumbnail' (the last tile)",
     "model.embedding.text_pool": "caption tokens -> one vector: 'last' (last valid "
                                  "token) | 'mean' | 'first' (sees only itself)",
     "model.embedding.fusion": "pair feature of the ITM / box / spatial heads: "
@@ -64,8 +64,7 @@ DESCRIPTIONS: dict[str, str] = {
     "model.embedding.logit_scale_init": "initial contrastive logit scale (1 / temperature; learned as its log)",
     "model.embedding.logit_scale_max": "upper clip of the learned logit scale (>= logit_scale_init)",
 
-    "tasks": "the tasks trained, one section each (itc, itm, box, spatial, detection, lm); loss = sum of weight * "
-             "task loss",
+    "tasks": "the tasks trained, one section each (itc, itm, box, spatial, detection, lm); loss: weighted sum",
     "tasks.*.weight": "scale of this task's loss in the total loss",
     "tasks.itc": "image-text contrastive retrieval: symmetric InfoNCE over in-batch negatives; metrics R@1/5/10",
     "tasks.itc.matryoshka": "> 0: adds this times the mean contrastive loss over matryoshka_dims (0 = off)",
@@ -101,10 +100,10 @@ DESCRIPTIONS: dict[str, str] = {
     "tasks.detection.giou": "weight of the matched 1 - GIoU loss (and of -GIoU in the matching cost)",
     "tasks.detection.class_weight": "weight of the matched queries' class cross-entropy (and -p(class) cost)",
     "tasks.detection.aux_loss": "the heads and losses on every decoder layer, not only the last",
-    "tasks.lm": "language-model targets: next-token cross-entropy on generated answers (caption, grounding box, "
-                "relation) after the prompt with the image block",
+    "tasks.lm": "language-model targets: next-token cross-entropy on the answers of data.lm_kinds",
     "tasks.lm.chunk_size": "> 0: logits formed this many positions at a time (no [B, T, V] float32 tensor)",
-    "tasks.lm.span_weights": "weight of each answer span's tokens: caption, grounding, relation, box (coordinates)",
+    "tasks.lm.span_weights": "weight of each answer span's tokens (vlm_jax.data.generative.SPANS)",
+    "tasks.lm.span_weights.*": "weight of this span's tokens (box: a grounding answer's <box> part)",
     "tasks.detection.matching": "'jax' (on device) | 'scipy' (host callback): see vlm_jax.matching",
 
     "data": "dataset and input pipeline (vlm_jax.data.pipeline); tile size and tokenizer come from the model",
@@ -131,15 +130,11 @@ DESCRIPTIONS: dict[str, str] = {
     "data.max_text_length": "caption tokens incl. EOS (text_ids length); longer captions are truncated and counted",
     "data.max_prompt_length": "prompt_ids length; -1 = tokens per tile * tiles + max_text_length + 16",
     "data.min_tiles": "dynamic tiles (max_tiles > 1): fewest tiles per image",
-    "data.max_tiles": "InternVL dynamic resolution in training and evaluation: 1 = one whole-image tile; > 1 = "
-                      "min_tiles..max_tiles tiles by aspect ratio",
+    "data.max_tiles": "dynamic resolution, training and evaluation: 1 = one whole-image tile; > 1 = up to this many",
     "data.use_thumbnail": "max_tiles > 1: add a whole-image thumbnail tile",
-    "data.tile_budget": "tiles per image a batch holds on average; a batch over it re-tiles its largest images with "
-                        "fewer tiles (counted); 0 = max_tiles + thumbnail (never)",
-    "data.lm_kinds": "generative targets the pipeline makes for the lm task: some of caption, grounding, relation; "
-                     "() = none",
-    "data.max_lm_length": "longest LM sequence (prompt + image block + answer; longer answers are cut and "
-                          "counted); -1 = room for the image block, the longest question, an answer and a box",
+    "data.tile_budget": "mean tiles per image a batch may hold; over it, its largest images get fewer; 0 = no limit",
+    "data.lm_kinds": "generative targets for the lm task: some of caption, grounding, relation; () = none",
+    "data.max_lm_length": "longest LM sequence; longer answers are cut and counted; -1 = room for any target",
     "data.tile_buckets": "sizes the tile array and prompts are padded to (the step compiles one shape per size)",
 
     "optim": "parameter groups, freezing and AdamW (vlm_jax.optim)",
