@@ -46,6 +46,11 @@ Batch fields (numpy; row fields have this process's B rows first, tile fields it
     query_ids, query_mask    int32[B, max_text_length]  "the <subject> and the <reference>" (the spatial task's
                  query without the relation), for datasets that name both objects
     valid        bool[B]  (eval only) False on the padding rows that even out the processes' batch counts
+    lm_ids, lm_labels, lm_spans, lm_mask  int32[B, Lg]  (with `lm_kinds`) a generative target: the prompt with the
+                 image block and a question, then the answer and EOS (`vlm_jax.data.generative`); labels -100 except on
+                 the answer; span ids name the answer's parts; Lg: the batch's LM length bucket
+    lm_kind      int32[B]  the question's kind (index in `generative.KINDS`): drawn per example in training, a fixed
+                 cycle in evaluation
 
 Determinism and resume: the order depends only on (seed, shard, config); `PipelineIterator` is a grain
 `DatasetIterator`, so `get_state()`/`set_state()` resume exactly and `checkpoint_args(it)` /
