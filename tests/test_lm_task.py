@@ -27,7 +27,7 @@ def config(tmp_path_factory):
     c.tasks = {"box": dict(c.tasks.box), "lm": dict(weight=1.0, chunk_size=8,
                                                     span_weights=dict(caption=1.0, grounding=0.5, relation=2.0,
                                                                       box=3.0))}
-    c.batch_size, c.eval_batch_size = 6, 6
+    c.batch_size, c.eval_batch_size = 8, 8  # a multiple of the 8 test devices
     return c
 
 
@@ -129,3 +129,32 @@ def test_generation_reads_the_questions_and_every_rows_tiles(config, setup):
     for r in range(len(ids)):  # the question is the labelled sequence's prompt, unchanged
         start = int(np.argmax(batch["lm_labels"][r] != generative.IGNORE_INDEX))
         np.testing.assert_array_equal(ids[r][mask[r] == 1], batch["lm_ids"][r, :start])
+
+
+def test_the_lm_task_trains_evaluates_and_generates(config, setup):
+    """Two train steps on the pipeline's batches, the validation split's metrics, and greedy answers for an eval
+    batch: one per valid row, each decoded and scored."""
+    import jax
+
+    from vlm_jax import evaluate
+    from vlm_jax.generative_eval import generate_split
+
+    backbone, inputs, batches = setup
+    trainer = make_trainer(config, sharding.make_mesh(config.mesh), 10, backbone.config)
+    model_state = trainer.init_model_state()
+    state = trainer.assemble(model_state, trainer.init_train_items(model_state))
+    for batch in batches[:2]:
+        state, metrics = trainer.train_step(state, sharding.global_batch(batch, trainer.mesh), jax.random.key(0))
+        assert np.isfinite(float(metrics["lm"])) and float(metrics["lm_tokens"]) > 0
+    results = evaluate.compute_metrics(trainer.tasks.values(),
+                                       runs.collect_state(trainer, state, config, inputs, "validation"))
+    for name in ("lm_loss", "lm_token_acc", "loss/lm"):
+        assert np.isfinite(results[name]), name
+    assert 0 <= results["lm_token_acc"] <= 1
+    prompts = pipeline.make_prompt_builder(config.data, inputs)
+    eval_batch = next(runs.make_data(config, inputs, "validation", train=False))
+    got = generate_split(trainer.model(state).backbone, inputs.tokenizer, [eval_batch], eos_id=prompts.eos_id,
+                         pad_id=prompts.pad_id, max_new_tokens=6)
+    assert len(got["answers"]) == int(eval_batch["valid"].sum()) and all(isinstance(a, str) for a in got["answers"])
+    scored = score(got["answers"], got["kinds"], got, got["captions"])
+    assert scored["num_examples"] == len(got["answers"])
