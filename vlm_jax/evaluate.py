@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vlm_jax import sharding
+from vlm_jax.tasks.base import TILE_FIELDS, batch_rows
 
 
 def _to_host(x) -> np.ndarray:
@@ -25,13 +25,13 @@ def _to_host(x) -> np.ndarray:
 def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Pads a short (last) batch to ``size`` rows by repeating row 0 (tile fields stay: padding rows show row 0's
     image); ``valid`` marks the real rows."""
-    n = len(batch["text_ids"])
+    n = batch_rows(batch)
     out = {k: np.asarray(v) for k, v in batch.items()}
     valid = np.asarray(out.pop("valid", np.ones(n, bool)), bool)
     if n > size:
         raise ValueError(f"Eval batch has {n} rows; expected at most {size}.")
     if n < size:
-        out = {k: v if k in sharding.TILE_FIELDS else np.concatenate([v, np.repeat(v[:1], size - n, axis=0)])
+        out = {k: v if k in TILE_FIELDS else np.concatenate([v, np.repeat(v[:1], size - n, axis=0)])
                for k, v in out.items()}
         valid = np.concatenate([valid, np.zeros(size - n, bool)])
     out["valid"] = valid

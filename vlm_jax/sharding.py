@@ -144,9 +144,6 @@ def local_batch_shards(mesh: Mesh) -> int:
     return len({index[0].indices(mesh.size * 64) for index in indices.values()})
 
 
-TILE_FIELDS = ("tiles", "tile_regions")  # leading axis = the batch's tiles, indexed by row_tiles
-
-
 def _same_tile_count(local_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Multi-process: pads every process's tile fields to the largest tile count and makes `row_tiles` index the
     global tile array (process p's tiles come p-th). One small all-gather per batch."""
@@ -155,7 +152,7 @@ def _same_tile_count(local_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     n = len(local_batch["tiles"])
     largest = int(np.max(multihost_utils.process_allgather(np.int32(n))))
     out = dict(local_batch)
-    for k in TILE_FIELDS:
+    for k in ("tiles", "tile_regions"):  # leading axis = the batch's tiles, indexed by row_tiles
         v = np.asarray(local_batch[k])
         out[k] = np.concatenate([v, np.zeros((largest - n, *v.shape[1:]), v.dtype)])
     row_tiles = np.asarray(local_batch["row_tiles"])

@@ -136,6 +136,14 @@ def diagnostic_names(tasks) -> frozenset[str]:
     return frozenset(f"{t.name}_{k}" for t in tasks for k in t.diagnostic_terms)
 
 
+TILE_FIELDS = ("tiles", "tile_regions")  # batch fields whose leading axis is the batch's tiles, not its rows
+
+
+def batch_rows(batch: Mapping[str, Any]) -> int:
+    """B: the leading size of the batch's row fields (tile fields have N tiles instead)."""
+    return next(v.shape[0] for k, v in batch.items() if k not in TILE_FIELDS)
+
+
 def batch_valid(batch: Mapping[str, jax.Array], rows: int) -> jax.Array:
     """bool[B]: the batch's `valid` field (False on evaluation padding rows), all True when absent."""
     return batch["valid"].astype(bool) if "valid" in batch else jnp.ones(rows, bool)
@@ -144,7 +152,7 @@ def batch_valid(batch: Mapping[str, jax.Array], rows: int) -> jax.Array:
 def total_loss(tasks: Mapping[str, Task], outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
     """(float32[] sum over tasks of weight * task loss, {term: float32[]}) with terms `<task>`, `<task>_<term>`
     and `total`. Padding rows (`batch["valid"]` False) count in no task."""
-    valid = batch_valid(batch, batch["text_ids"].shape[0])
+    valid = batch_valid(batch, batch_rows(batch))
     total = jnp.zeros((), jnp.float32)
     terms = {}
     for name, task in tasks.items():
