@@ -25,7 +25,7 @@ frozen) and ``--train_all`` trains every parameter, e.g. the rows of the README'
 
 Dynamic tiles: ``--max_tiles=1,4,12`` prints one JSON line per value instead: how the step's cost grows with tiles.
 Each value packs ``--tile_batches`` synthetic batches of COCO-like photo sizes (`COCO_LIKE_SIZES`) with the input
-pipeline's own batcher and buckets (`pipeline.tile_budget`, `pipeline.bucket_sizes`, tile counts from
+pipeline's own batcher and buckets (`batching.tile_budget`, `batching.bucket_sizes`, tile counts from
 `preprocess.num_tiles`): mean tiles per image, the padding fractions of tiles and prompt tokens, images re-tiled to
 fit the budget, and every (N tiles, Lp prompt tokens) shape seen with its share of batches -- one compilation each.
 The train step is compiled from shapes for every shape seen (a few; one abstract compile of the 1B model takes
@@ -68,7 +68,7 @@ from ml_collections import config_flags
 from vlm_jax import optim, sharding
 from vlm_jax import build
 from vlm_jax import tokenizer as tokenizer_lib
-from vlm_jax.data import pipeline, preprocess
+from vlm_jax.data import batching, pipeline, preprocess
 from vlm_jax.trainer import Trainer, TrainState, make_trainer
 
 FLAGS = flags.FLAGS
@@ -161,7 +161,7 @@ def tiled_data_config(config, max_tiles: int):
 
 @dataclasses.dataclass
 class _SizeOnlyImages:
-    """Stands in for the pipeline's per-example encoder inside `pipeline.Batcher`: an image is its (width, height)
+    """Stands in for the pipeline's per-example encoder inside `batching.Batcher`: an image is its (width, height)
     and its tiles are 1-pixel zeros, as many as `preprocess.num_tiles` gives, so that packing, re-tiling to the
     budget and prompt lengths follow the pipeline without decoding pixels (drawn afterwards at the tile size)."""
 
@@ -188,7 +188,7 @@ def _prompt_tokenizer():
     return tokenizer_lib.build_demo_tokenizer(tokenizer_lib.DEMO_WORDS + ("user", "assistant"))
 
 
-def tile_batcher(data_config, model_config, batch_size: int, tile_multiple: int = 1) -> pipeline.Batcher:
+def tile_batcher(data_config, model_config, batch_size: int, tile_multiple: int = 1) -> batching.Batcher:
     """The pipeline's training batcher for ``batch_size`` rows (its tile budget and buckets)."""
     inputs = pipeline.ModelInputs(_prompt_tokenizer(), int(model_config.image_size),
                                   int(model_config.num_image_tokens))
@@ -196,7 +196,7 @@ def tile_batcher(data_config, model_config, batch_size: int, tile_multiple: int 
     prompts.max_length = pipeline.prompt_length(data_config, inputs)
     encode = _SizeOnlyImages(prompts, inputs.image_size, int(data_config.min_tiles), bool(data_config.use_thumbnail),
                              prompts.max_length)
-    return pipeline.make_batcher(data_config, encode, batch_size, tile_multiple=tile_multiple, share_images=False)
+    return batching.make_batcher(data_config, encode, batch_size, tile_multiple=tile_multiple, share_images=False)
 
 
 def packed_tiles(data_config, model_config, batch_size: int, seed: int, tile_multiple: int = 1) -> dict:
@@ -249,7 +249,7 @@ def tile_statistics(config, model_config, max_tiles: int, num_batches: int = 50,
     for shape in seen.values():
         shape["share"] = shape.pop("batches") / num_batches
     return {
-        "max_tiles": int(max_tiles), "tiles_per_image": pipeline.tiles_per_image(data), "batch_size": b,
+        "max_tiles": int(max_tiles), "tiles_per_image": batching.tiles_per_image(data), "batch_size": b,
         "tile_budget": batcher.budget, "tile_buckets": list(batcher.tile_sizes),
         "prompt_buckets": list(batcher.prompt_sizes), "batches": num_batches,
         "mean_tiles_per_image": sums["tiles"] / (num_batches * b),

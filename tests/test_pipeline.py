@@ -17,7 +17,7 @@ import pytest
 
 from fixtures import data_config
 from vlm_jax import tokenizer as tok
-from vlm_jax.data import pipeline, preprocess
+from vlm_jax.data import batching, pipeline, preprocess
 
 SIZES = dict(image_size=32, num_train=24, num_validation=10, num_test=4)
 # Not a real model's numbers: 16 px tiles with 3 tokens each, so sizes never agree by accident.
@@ -251,7 +251,7 @@ def wide_records(wide_config):
 
 def test_dynamic_tiles_in_training(wide_config, wide_records):
     it = _train(wide_config, global_batch_size=4, tile_multiple=2)
-    sizes = pipeline.bucket_sizes(4 * 5, 4, 2)  # budget: 4 images x (4 tiles + thumbnail)
+    sizes = batching.bucket_sizes(4 * 5, 4, 2)  # budget: 4 images x (4 tiles + thumbnail)
     counts, real, padding = set(), 0, 0
     for batch in _take(it, 6):
         used = _check_rows(batch, wide_records, 4)
@@ -273,7 +273,7 @@ def test_tile_budget_retiles_the_largest_images(wide_config, wide_records):
     context = INPUTS.tokenizer.convert_tokens_to_ids(tok.IMG_CONTEXT)
     retiled_rows = 0
     for batch in _take(it, 6):
-        assert batch["num_tiles"].sum() <= 8 and len(batch["tiles"]) in pipeline.bucket_sizes(8, 4)
+        assert batch["num_tiles"].sum() <= 8 and len(batch["tiles"]) in batching.bucket_sizes(8, 4)
         for i in range(4):
             image = PIL.Image.open(io.BytesIO(wide_records[int(batch["image_id"][i])]["image"]))
             n = int(batch["num_tiles"][i])

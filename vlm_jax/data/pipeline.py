@@ -88,6 +88,7 @@ from etils import epath
 from vlm_jax import caption_truth
 from vlm_jax import tokenizer as tokenizer_lib
 from vlm_jax.data import generative, preprocess
+from vlm_jax.data.batching import make_batcher, tiles_per_image
 from vlm_jax.data import prompt as prompt_lib
 from vlm_jax.data.datasets import relations
 
@@ -180,12 +181,6 @@ def load_source(data_config: ml_collections.ConfigDict, split: str):
     return builder, source
 
 
-def tiles_per_image(data_config: ml_collections.ConfigDict) -> int:
-    """T: the most tiles one image gets (max_tiles, + 1 thumbnail when max_tiles > 1 and use_thumbnail)."""
-    extra = 1 if data_config.use_thumbnail and data_config.max_tiles > 1 else 0
-    return int(data_config.max_tiles) + extra
-
-
 def prompt_length(data_config: ml_collections.ConfigDict, inputs: ModelInputs) -> int:
     """The longest `prompt_ids`: `max_prompt_length`, or room for T tiles' image block + caption + template."""
     if data_config.max_prompt_length > 0:
@@ -204,18 +199,6 @@ def lm_length(data_config: ml_collections.ConfigDict, inputs: ModelInputs) -> in
                                        int(data_config.max_text_length))
 
 
-def tile_budget(data_config: ml_collections.ConfigDict, rows: int) -> int:
-    """The most tiles a batch of `rows` images holds: rows * `tile_budget` (tiles per image on average; 0 = T)."""
-    per_image = float(data_config.tile_budget) or tiles_per_image(data_config)
-    return max(rows, math.ceil(rows * per_image))
-
-
-def bucket_sizes(limit: int, count: int, multiple: int = 1) -> tuple[int, ...]:
-    """`count` sizes spread evenly up to `limit`, each rounded up to a multiple of `multiple` (ascending, unique)."""
-    up = lambda n: -(-n // multiple) * multiple  # noqa: E731
-    return tuple(sorted({up(max(1, math.ceil(limit * k / count))) for k in range(1, count + 1)}))
-
-
 def make_prompt_builder(data_config: ml_collections.ConfigDict, inputs: ModelInputs) -> prompt_lib.PromptBuilder:
     """A PromptBuilder with the model's tokenizer and tokens per tile and the configured template."""
     return prompt_lib.PromptBuilder(inputs.tokenizer, inputs.num_image_tokens, template=data_config.template)
@@ -232,7 +215,7 @@ def _text(x) -> str:
 @dataclasses.dataclass
 class _Encoder:
     """Record + caption index -> one example (decode and tile the image, tokenise the caption); the batch's prompts
-    are built by `Batcher`, which knows every image's final tile count."""
+    are built by `batching.Batcher`, which knows every image's final tile count."""
 
     dataset: str
     builder: prompt_lib.PromptBuilder  # copies with the caption and prompt length limits
@@ -302,7 +285,7 @@ class _Encoder:
         return {"scene_keys": keys, "scene_boxes": boxes}
 
     def __call__(self, record: dict, k: int, kind: str | None = None) -> dict:
-        """The example: caption fields, and under private keys for `Batcher` the image's tiles and (`kind`) the
+        """The example: caption fields, and under private keys for `batching.Batcher` the image's tiles and (`kind`) the
         generative target."""
         out = self.caption(record, k)
         if kind is not None:
@@ -311,101 +294,6 @@ class _Encoder:
         image = preprocess.load_image(record["image"], name=f"{self.dataset} image_id={image_id}")
         tiles, regions = self.tiles(image, image_id, self.max_tiles)
         out.update(image_aspect=np.float32(image.width / image.height), _image_tiles=tiles, _image_regions=regions, _encoded=record["image"], _caption=_text(record["captions"][k]))
-        return out
-
-
-_PRIVATE = ("_image_tiles", "_image_regions", "_encoded", "_caption", "_target")
-
-
-@dataclasses.dataclass
-class Batcher:
-    """Examples -> one batch: row fields stacked, the distinct images' tiles packed into a bucketed tile array,
-    prompts built with each image's tile count and padded to a bucketed length (see the module docstring)."""
-
-    encode: _Encoder
-    tiles_per_image: int  # T
-    budget: int  # most tiles in one batch
-    tile_sizes: tuple[int, ...]  # allowed N, ascending; the last >= budget
-    prompt_sizes: tuple[int, ...]  # allowed Lp, ascending
-    share_images: bool  # rows with the same image_id share its tiles (evaluation)
-    lm_sizes: tuple[int, ...] = ()  # allowed LM sequence lengths, ascending (with generative targets)
-
-    def __call__(self, examples: Sequence[dict]) -> dict:
-        slots: dict[Any, int] = {}
-        row_slot, images = [], []
-        for r, ex in enumerate(examples):
-            key = int(ex["image_id"]) if self.share_images else r
-            if key not in slots:
-                slots[key] = len(images)
-                images.append([ex["_image_tiles"], ex["_image_regions"], ex])
-            row_slot.append(slots[key])
-        retiled = 0
-        while sum(len(im[0]) for im in images) > self.budget:
-            # Fewer tiles for the image with the most (the first of equals): the next smaller grid, thumbnail kept.
-            im = max(images, key=lambda x: len(x[0]))
-            grid = len(im[0]) - (1 if self.encode.use_thumbnail and len(im[0]) > 1 else 0)
-            im[0], im[1] = self.encode.tiles(im[2]["_encoded"], int(im[2]["image_id"]), grid - 1)
-            retiled += 1
-        counts = [len(im[0]) for im in images]
-        total = sum(counts)
-        n = next(size for size in self.tile_sizes if size >= total)
-        s = self.encode.image_size
-        tiles = np.zeros((n, s, s, 3), np.float32)
-        regions = np.zeros((n, 4), np.float32)
-        starts = np.cumsum([0] + counts)
-        for (im_tiles, im_regions, _), start in zip(images, starts):
-            tiles[start: start + len(im_tiles)] = im_tiles
-            regions[start: start + len(im_tiles)] = im_regions
-        rows = len(examples)
-        row_tiles = np.full((rows, self.tiles_per_image), -1, np.int32)
-        num_tiles = np.zeros(rows, np.int32)
-        for r, slot in enumerate(row_slot):
-            num_tiles[r] = counts[slot]
-            row_tiles[r, : counts[slot]] = np.arange(starts[slot], starts[slot + 1])
-
-        prompts = self.encode.prompts
-        before = prompts.num_truncated
-        seqs = [prompts.prompt_ids(ex["_caption"], int(num_tiles[r])) for r, ex in enumerate(examples)]
-        # Room for any row's image block followed by any row's text: the model splices (image i, caption j) pairs.
-        ends = [seq.index(prompts.img_end_id) + 1 for seq in seqs]
-        longest = max(ends) + max(len(seq) - end for seq, end in zip(seqs, ends))
-        length = next((size for size in self.prompt_sizes if size >= longest), longest)
-        prompt_ids, prompt_mask = prompts.batch(seqs, length=length, padding_side="right")
-
-        out = {k: np.stack([ex[k] for ex in examples]) for k in examples[0] if k not in _PRIVATE}
-        if "_target" in examples[0]:
-            out.update(self.lm_sequences(examples, num_tiles))
-        real_tokens = sum(len(seq) for seq in seqs)
-        out.update(tiles=tiles, tile_regions=regions, row_tiles=row_tiles, num_tiles=num_tiles, prompt_ids=prompt_ids,
-                   prompt_mask=prompt_mask, _truncated_prompts=np.int32(prompts.num_truncated - before),
-                   _retiled_images=np.int32(retiled), _tiles=np.int32(total), _padding_tiles=np.int32(n - total),
-                   _prompt_tokens=np.int32(real_tokens), _padding_tokens=np.int32(rows * length - real_tokens))
-        return out
-
-    def lm_sequences(self, examples: Sequence[dict], num_tiles: np.ndarray) -> dict:
-        """lm_ids, lm_labels, lm_spans int32[B, Lg], lm_mask int32[B, Lg], lm_kind int32[B] (index in
-        `generative.KINDS`), padded to the smallest LM bucket; answers past the limit cut and counted."""
-        prompts, limit = self.encode.prompts, self.encode.lm_length
-        seqs, cut = [], 0
-        for r, ex in enumerate(examples):
-            full = generative.encode(prompts, ex["_target"], int(num_tiles[r]))
-            kept = generative.truncate(*full, limit, prompts.eos_id)
-            if kept is None:
-                raise ValueError(f"{self.encode.dataset} image_id={int(ex['image_id'])}: the question and image "
-                                 f"block take {len(full[0])} tokens, more than the LM length {limit}")
-            cut += len(kept[0]) < len(full[0])
-            seqs.append(kept)
-        longest = max(len(ids) for ids, _, _ in seqs)
-        length = next(n for n in self.lm_sizes if n >= longest)
-        out = {name: np.full((len(seqs), length), fill, np.int32)
-               for name, fill in (("lm_ids", prompts.pad_id), ("lm_labels", generative.IGNORE_INDEX),
-                                  ("lm_spans", 0), ("lm_mask", 0))}
-        for r, (ids, labels, spans) in enumerate(seqs):
-            n = len(ids)
-            out["lm_ids"][r, :n], out["lm_labels"][r, :n], out["lm_spans"][r, :n] = ids, labels, spans
-            out["lm_mask"][r, :n] = 1
-        out["lm_kind"] = np.asarray([generative.KINDS.index(ex["_target"].kind) for ex in examples], np.int32)
-        out["_truncated_answers"] = np.int32(cut)
         return out
 
 
@@ -437,19 +325,6 @@ class _Pair:
                           generative.pick_kind(kinds, None, record_index + k) if kinds else None)
         out["valid"] = np.bool_(valid)
         return out
-
-
-def make_batcher(data_config: ml_collections.ConfigDict, encode, rows: int, *, tile_multiple: int = 1,
-                 share_images: bool) -> Batcher:
-    """The batch function for `rows` examples of `encode` (an `_Encoder`, or anything with its `tiles`,
-    `use_thumbnail`, `image_size`, `prompts` and `prompt_length`): the tile budget, `tile_buckets` tile-array
-    sizes (multiples of `tile_multiple`) and as many prompt lengths (multiples of 8, none past the longest)."""
-    budget = tile_budget(data_config, rows)
-    count = int(data_config.tile_buckets)
-    lengths = lambda longest: tuple(sorted({min(n, longest) for n in bucket_sizes(longest, count, 8)}))  # noqa: E731
-    lm_sizes = lengths(int(encode.lm_length)) if getattr(encode, "lm_kinds", ()) else ()
-    return Batcher(encode, tiles_per_image(data_config), budget, bucket_sizes(budget, count, tile_multiple),
-                   lengths(int(encode.prompt_length)), share_images=share_images, lm_sizes=lm_sizes)
 
 
 # ------------------------------------------------------------------------------------------------------------------
