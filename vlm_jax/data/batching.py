@@ -10,6 +10,7 @@ is re-tiled with the next smaller grid until the batch fits (counted), never tru
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -89,7 +90,7 @@ class Batcher:
             num_tiles[r] = counts[slot]
             row_tiles[r, : counts[slot]] = np.arange(starts[slot], starts[slot + 1])
 
-        prompts = self.encode.prompts
+        prompts = copy.copy(self.encode.prompts)  # its own truncation counter: batches may be built in parallel
         before = prompts.num_truncated
         seqs = [prompts.prompt_ids(ex["_caption"], int(num_tiles[r])) for r, ex in enumerate(examples)]
         # Room for any row's image block followed by any row's text: the model splices (image i, caption j) pairs.

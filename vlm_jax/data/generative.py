@@ -17,6 +17,7 @@ labels are the answer's tokens and EOS (-100 elsewhere: template, image block, q
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -65,12 +66,10 @@ def make_target(record: dict, k: int, kind: str) -> Target:
 
 def encode(prompts, target: Target, num_tiles: int) -> tuple[list[int], list[int], list[int]]:
     """(ids, labels, span ids) of the prompt + answer + EOS; `prompts` a `PromptBuilder` (its template and image
-    tokens; no length limit applied here)."""
-    limit, prompts.max_length = prompts.max_length, None
-    try:
-        prompt = prompts.prompt_ids(target.question, num_tiles)
-    finally:
-        prompts.max_length = limit
+    tokens) without a length limit: `truncate` cuts the answer, never the question."""
+    prompts = copy.copy(prompts)
+    prompts.max_length = None
+    prompt = prompts.prompt_ids(target.question, num_tiles)
     if prompts.template == "plain":
         prompt = prompt[:-1] + _tokens(prompts, "\n")  # plain ends with EOS; the answer follows on a new line
     ids, spans = list(prompt), [0] * len(prompt)

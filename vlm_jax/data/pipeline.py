@@ -243,10 +243,9 @@ class _Encoder:
 
     def caption(self, record: dict, k: int) -> dict:
         """Caption k's text tower input and labels: text_ids/mask, box, has_box, relation, has_relation."""
-        before = self._captions.num_truncated
+        captions = copy.copy(self._captions)  # its own truncation counter: examples are encoded on several threads
         caption = _text(record["captions"][k])
-        ids, mask = self._captions.batch([self._captions.caption_ids(caption)],
-                                         length=self.text_length, padding_side="right")
+        ids, mask = captions.batch([captions.caption_ids(caption)], length=self.text_length, padding_side="right")
         out = {
             "image_id": np.int32(record["image_id"]),
             "text_ids": ids[0],
@@ -265,10 +264,10 @@ class _Encoder:
             subject, reference = _text(record["subjects"][k]), _text(record["references"][k])
             out["subject_key"] = np.int32(caption_truth.text_key(subject))
             out["reference_key"] = np.int32(caption_truth.text_key(reference))
-            ids, mask = self._captions.batch([self._captions.caption_ids(relations.pair_query(subject, reference))],
-                                             length=self.text_length, padding_side="right")
+            ids, mask = captions.batch([captions.caption_ids(relations.pair_query(subject, reference))],
+                                       length=self.text_length, padding_side="right")
             out.update(query_ids=ids[0], query_mask=mask[0])
-        out["_truncated_captions"] = np.int32(self._captions.num_truncated > before)
+        out["_truncated_captions"] = np.int32(captions.num_truncated > 0)
         return out
 
     def scene(self, record: dict) -> dict:
