@@ -33,6 +33,7 @@ EXTRAS_REQUIRE = {
         # The PyTorch reference for parity tests and benchmarks (CPU build).
         "torch==2.13.0",
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",  # the suite runs on two workers (pytest.ini)
         "nbclient==0.11.0",
         "nbformat==5.11.1",
         "ipykernel==7.4.0",

@@ -68,7 +68,7 @@ from ml_collections import config_flags
 from vlm_jax import optim, sharding
 from vlm_jax import build
 from vlm_jax import tokenizer as tokenizer_lib
-from vlm_jax.data import batching, pipeline, preprocess
+from vlm_jax.data import batching, preprocess
 from vlm_jax.trainer import Trainer, TrainState, make_trainer
 
 FLAGS = flags.FLAGS
@@ -190,6 +190,8 @@ def _prompt_tokenizer():
 
 def tile_batcher(data_config, model_config, batch_size: int, tile_multiple: int = 1) -> batching.Batcher:
     """The pipeline's training batcher for ``batch_size`` rows (its tile budget and buckets)."""
+    from vlm_jax.data import pipeline  # grain: only the tiled batches need it (the device benchmark has none)
+
     inputs = pipeline.ModelInputs(_prompt_tokenizer(), int(model_config.image_size),
                                   int(model_config.num_image_tokens))
     prompts = pipeline.make_prompt_builder(data_config, inputs)

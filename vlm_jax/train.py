@@ -140,7 +140,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
     examples: dict[str, Any] = {}
     diagnostics = trainer.diagnostic_terms
     window_start = time.monotonic()
-    window_data = train_iter.stats
+    window_data = getattr(train_iter, "stats", {})
 
     def checkpoint(step, metrics=None):
         checkpoints.save(step, state.model_state(), state.train_items(), train_iter, meta, metrics)
@@ -185,7 +185,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
                 pending, window_start = [], now
                 for group, sched in trainer.opt.schedules.items():
                     summary[f"lr/{group}"] = float(sched((step - 1) // trainer.opt.accum_steps))
-                data_stats = train_iter.stats
+                data_stats = getattr(train_iter, "stats", {})  # a custom iterator may count nothing
                 summary.update(data_window(window_data, data_stats))
                 if step == log_every or step == num_steps:
                     logging.info("Input padding: %.1f %% of tiles, %.1f %% of prompt tokens; %d images re-tiled",
