@@ -231,3 +231,12 @@ def generate(model, tokenizer, images=None, prompt: str = "", max_new_tokens: in
 def _until_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
     tokens = list(tokens)
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+
+
+def answer_text(tokenizer, tokens: Sequence[int], eos_id: int) -> str:
+    """Generated ids up to EOS, decoded with special tokens kept: InternVL's tokenizer makes `<ref>`, `</ref>`,
+    `<box>`, `</box>` special tokens, and dropping them would drop the markup `grounding.parse_boxes` reads."""
+    tokens = [int(t) for t in tokens]
+    if eos_id in tokens:
+        tokens = tokens[: tokens.index(eos_id)]
+    return tokenizer.decode(tokens, skip_special_tokens=False)

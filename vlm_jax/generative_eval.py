@@ -80,11 +80,8 @@ def generate_split(backbone, tokenizer, batches: Iterable[Mapping[str, np.ndarra
                                       eos_token_id=eos_id, pad_token_id=pad_id)
         valid = np.asarray(batch.get("valid", np.ones(len(ids), bool)), bool)
         for r in np.flatnonzero(valid):
-            tokens = out[r].tolist()
-            tokens = tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
-            parts["answers"].append(tokenizer.decode(tokens, skip_special_tokens=False))
-            text = batch["text_ids"][r][batch["text_mask"][r] == 1].tolist()
-            parts["captions"].append(tokenizer.decode([t for t in text if t != eos_id], skip_special_tokens=False))
+            parts["answers"].append(generation.answer_text(tokenizer, out[r], eos_id))
+            parts["captions"].append(generation.answer_text(tokenizer, batch["text_ids"][r], eos_id))  # EOS-ended
             for key, field in (("kinds", "lm_kind"), ("box", "box"), ("relation", "relation"),
                                ("image_id", "image_id")):
                 parts[key].append(batch[field][r])

@@ -161,15 +161,6 @@ def batch_inputs(model, builder: PromptBuilder, examples: Sequence[GroundingExam
     return ids, mask, np.concatenate(pixels), tiles
 
 
-def answer_text(tokenizer, tokens: Sequence[int], eos_id: int) -> str:
-    """Generated ids up to EOS, decoded with special tokens kept: InternVL's tokenizer makes `<ref>`, `</ref>`,
-    `<box>`, `</box>` special tokens, and dropping them would drop the markup `parse_boxes` reads."""
-    tokens = [int(t) for t in tokens]
-    if eos_id in tokens:
-        tokens = tokens[: tokens.index(eos_id)]
-    return tokenizer.decode(tokens, skip_special_tokens=False)
-
-
 # ---- generation and scoring ---------------------------------------------------------------------------------------
 
 def generate_answers(model, tokenizer, examples: Iterable, *, batch_size: int = 8, max_tiles: int = MAX_TILES,
@@ -208,7 +199,7 @@ def generate_answers(model, tokenizer, examples: Iterable, *, batch_size: int = 
         out = generation.generate_ids(model, ids, mask, px, max_new_tokens=max_new_tokens,
                                       eos_token_id=builder.eos_id, pad_token_id=builder.pad_id)
         for row, i in enumerate(chosen):
-            answers[i] = answer_text(tokenizer, out[row], builder.eos_id)
+            answers[i] = generation.answer_text(tokenizer, out[row], builder.eos_id)
     return answers
 
 
