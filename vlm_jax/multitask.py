@@ -177,6 +177,8 @@ class MultitaskModel(nnx.Module):
                                for name in sorted(task_configs.keys())})
         self.reads_query = any(t.reads_query for t in self.tasks.values())
         self.reads_lm = any(t.reads_lm for t in self.tasks.values())
+        self.reads_patches = any(t.reads_patches for t in self.tasks.values())
+        self.reads_text_hidden = any(t.reads_text_hidden for t in self.tasks.values())
         if self.reads_query and embedding.fusion != "late":
             raise ValueError("a task reads the spatial query (tasks.spatial.query='objects'), which needs "
                              f"model.embedding.fusion='late'; got {embedding.fusion!r}")
@@ -188,40 +190,121 @@ class MultitaskModel(nnx.Module):
         """float32[]: exp(log-scale), clipped to logit_scale_max."""
         return jnp.exp(jnp.minimum(self.logit_scale[...], jnp.log(self.config.logit_scale_max)))
 
-    def _image_branch(self, row_hidden, present, train: bool):
-        """float[B, T, 1+P, Dv] each row's tiles, bool[B, T] -> float32[B, E]."""
-        pooled = pooling.pool_tiles(row_hidden, present, self.config.vision_pool,
-                                    self.config.get("tile_pool", "all"), self.vision_pool)
+    def _image_branch(self, pooled, train: bool):
+        """float32[B, Dv] pooled vision features -> float32[B, E]."""
         return self.vision_proj(self.vision_adapter(pooled, train=train))
 
-    def _text_branch(self, text_hidden, mask, train: bool):
-        """float[B, L, D], int[B, L] -> float32[B, E]."""
-        pooled = pooling.pool_text(text_hidden, mask, self.config.text_pool)
+    def _text_branch(self, pooled, train: bool):
+        """float32[B, D] pooled text features -> float32[B, E]."""
         return self.text_proj(self.text_adapter(pooled, train=train))
+
+    def _pool_patches(self, patches, present):
+        """float[B, T, P, Dv] each row's tiles' patches, bool[B, T] -> float32[B, Dv] (MAP pooling, trainable)."""
+        cls = jnp.zeros(patches.shape[:2] + (1, patches.shape[-1]), patches.dtype)  # MAP reads no CLS
+        return pooling.pool_tiles(jnp.concatenate([cls, patches], axis=2), present, self.config.vision_pool,
+                                  self.config.get("tile_pool", "all"), self.vision_pool)
 
     def encode_image(self, image):
         """float[B, S, S, 3] -> float32[B, E] unit-norm image embeddings (eval mode)."""
         hidden = self.backbone.vision_hidden_states(image)[:, None]  # [B, 1, 1+P, Dv]
-        return self._image_branch(hidden, jnp.ones(hidden.shape[:2], bool), train=False)
+        present = jnp.ones(hidden.shape[:2], bool)
+        if self.config.vision_pool == "map":
+            return self._image_branch(self._pool_patches(hidden[:, :, 1:], present), train=False)
+        pooled = pooling.pool_tiles(hidden, present, self.config.vision_pool, self.config.get("tile_pool", "all"))
+        return self._image_branch(pooled, train=False)
 
     def encode_text(self, ids, mask):
         """int[B, L], int[B, L] -> float32[B, E] unit-norm text embeddings (eval mode)."""
         hidden, _ = self.backbone.language_model(input_ids=ids, attention_mask=mask)
-        return self._text_branch(hidden, mask, train=False)
+        return self._text_branch(pooling.pool_text(hidden, mask, self.config.text_pool), train=False)
 
-    def features(self, batch: dict, *, train: bool) -> tasks_lib.Features:
-        """The backbone once, the shared embedding layers, and fusion of the matching pairs."""
+    @property
+    def cached_fields(self) -> tuple[str, ...]:
+        """The `backbone_outputs` fields this model's tasks read (what a feature cache stores per row)."""
+        fields = [] if self.config.vision_pool == "map" else ["cached_image"]
+        if self.reads_patches or self.config.vision_pool == "map":
+            fields += ["cached_patches", "cached_regions"]
+        fields.append("cached_text")
+        if self.reads_text_hidden:
+            fields.append("cached_text_hidden")
+        if self.reads_query:
+            fields.append("cached_query")
+        return tuple(fields)
+
+    def backbone_outputs(self, batch: dict, backbone: InternVL | None = None) -> dict:
+        """What the backbone gives each row, before any trainable layer: the fields `cached_fields` names.
+
+        cached_image        float32[B, Dv]    the row's tiles pooled (`vision_pool` cls / mean, `tile_pool`)
+        cached_patches      float[B, T, P, Dv]  the patch tokens of the row's tiles (zeros after num_tiles)
+        cached_regions      float32[B, T, 4]  the part of the whole image each of them shows (zeros after num_tiles)
+        cached_text         float32[B, D]     the caption's hidden states pooled (`text_pool`)
+        cached_text_hidden  float[B, L, D]    the caption's hidden states
+        cached_query        float32[B, D]     the spatial query's hidden states pooled
+        A batch holding these fields (from `vlm_jax.feature_cache`) skips the backbone in `features`.
+        """
+        return self._run_backbone(backbone or self.backbone, batch)[0]
+
+    def _run_backbone(self, backbone: InternVL, batch: dict):
+        """(`backbone_outputs` fields, float[N, 1+P, Dv] vision hidden states, int32[B, T] row_tiles,
+        float[B, L, D] text hidden states)."""
         tiles, row_tiles, regions = tile_layout(batch)
-        backbone = lora.training_view(self.backbone, train)  # LoRA dropout (if any) active in training only
-        b = row_tiles.shape[0]
         vision_hidden = backbone.vision_hidden_states(tiles)  # [N, 1+P, Dv]
         row_hidden, present = rows_of_tiles(vision_hidden, row_tiles)  # [B, T, 1+P, Dv], [B, T]
+        fields = self.cached_fields
+        out = {}
+        if "cached_image" in fields:
+            out["cached_image"] = pooling.pool_tiles(row_hidden, present, self.config.vision_pool,
+                                                     self.config.get("tile_pool", "all"))
+        if "cached_patches" in fields:
+            out["cached_patches"] = jnp.where(present[:, :, None, None], row_hidden[:, :, 1:], 0)
+            out["cached_regions"] = jnp.where(present[:, :, None], rows_of_tiles(regions, row_tiles)[0], 0.0)
         text_hidden, _ = backbone.language_model(input_ids=batch["text_ids"], attention_mask=batch["text_mask"])
-        image_emb = self._image_branch(row_hidden, present, train)
-        text_emb = self._text_branch(text_hidden, batch["text_mask"], train)
+        out["cached_text"] = pooling.pool_text(text_hidden, batch["text_mask"], self.config.text_pool)
+        if "cached_text_hidden" in fields:
+            out["cached_text_hidden"] = text_hidden
+        if self.reads_query:
+            if "query_ids" not in batch:
+                raise ValueError("the spatial task's query 'objects' needs query_ids in the batch: a dataset whose "
+                                 "records name each caption's subjects and references (spatial_shapes)")
+            query_hidden, _ = backbone.language_model(input_ids=batch["query_ids"],
+                                                      attention_mask=batch["query_mask"])
+            out["cached_query"] = pooling.pool_text(query_hidden, batch["query_mask"], self.config.text_pool)
+        return out, vision_hidden, row_tiles, text_hidden
+
+    def features(self, batch: dict, *, train: bool) -> tasks_lib.Features:
+        """The backbone once (or its outputs from the feature cache), the shared embedding layers, and fusion of
+        the matching pairs."""
+        backbone = lora.training_view(self.backbone, train)  # LoRA dropout (if any) active in training only
+        if "cached_text" in batch:  # rows of the feature cache: the backbone does not run
+            outputs, vision_hidden, row_tiles = batch, None, None
+            text_hidden = batch.get("cached_text_hidden")
+        else:
+            outputs, vision_hidden, row_tiles, text_hidden = self._run_backbone(backbone, batch)
+        b = batch["text_ids"].shape[0]
+        patches = patch_mask = patch_grid = None
+        if "cached_patches" in outputs:
+            row_patches = outputs["cached_patches"]  # [B, T, P, Dv]
+            t, num_patches = row_patches.shape[1:3]
+            present = (row_tiles >= 0) if row_tiles is not None else (
+                jnp.arange(t)[None] < batch["num_tiles"][:, None])
+            side = int(round(num_patches ** 0.5))  # tiles are square
+            regions = outputs["cached_regions"].reshape(b * t, 4)
+            patches = einops.rearrange(row_patches, "B T P D -> B (T P) D")
+            patch_mask = jnp.repeat(present, num_patches, axis=1)
+            patch_grid = patch_positions(regions, side, side).reshape(b, t * num_patches, 2)
+        if self.config.vision_pool == "map":
+            pooled_image = self._pool_patches(outputs["cached_patches"], present)
+        else:
+            pooled_image = outputs["cached_image"]
+        image_emb = self._image_branch(pooled_image, train)
+        text_emb = self._text_branch(outputs["cached_text"], train)
 
         row_tokens = None
         if self.config.fusion == "lm" or self.reads_lm:
+            if vision_hidden is None:
+                raise ValueError("features from the feature cache cannot feed the language model (fusion 'lm' or "
+                                 "the lm task): they hold no image tokens")
+            tiles = tile_layout(batch)[0]
             image_tokens = backbone.image_embeddings_from_hidden(vision_hidden, tiles.shape[1:3])  # [N, Q, D]
             # Each row's tiles' tokens in order; its prompt holds Q * num_tiles image tokens, so padding is never read.
             row_tokens = einops.rearrange(rows_of_tiles(image_tokens, row_tiles)[0], "B T Q D -> B (T Q) D")
@@ -238,12 +321,7 @@ class MultitaskModel(nnx.Module):
 
         query_fused = None
         if self.reads_query:
-            if "query_ids" not in batch:
-                raise ValueError("the spatial task's query 'objects' needs query_ids in the batch: a dataset whose "
-                                 "records name each caption's subjects and references (spatial_shapes)")
-            query_hidden, _ = backbone.language_model(input_ids=batch["query_ids"],
-                                                           attention_mask=batch["query_mask"])
-            query_emb = self._text_branch(query_hidden, batch["query_mask"], train)
+            query_emb = self._text_branch(outputs["cached_query"], train)
             query_fused = late_fusion_features(image_emb, query_emb, self.config.fusion_features)
         lm_hidden = None
         if self.reads_lm:
@@ -256,18 +334,11 @@ class MultitaskModel(nnx.Module):
             negatives = caption_truth.batch_truth(batch) == caption_truth.FALSE
         else:
             negatives = ~jnp.eye(b, dtype=bool)
-
-        patch = self.backbone.config.vision.patch_size
-        positions = patch_positions(regions, tiles.shape[1] // patch, tiles.shape[2] // patch)  # [N, P, 2]
-        num_patches = positions.shape[1]
         rows = jnp.arange(b)
         return tasks_lib.Features(
-            vision_hidden=vision_hidden, row_tiles=row_tiles,
-            patches=einops.rearrange(row_hidden[:, :, 1:], "B T P D -> B (T P) D"),
-            patch_mask=jnp.repeat(present, num_patches, axis=1),
-            patch_grid=einops.rearrange(rows_of_tiles(positions, row_tiles)[0], "B T P C -> B (T P) C"),
-            image_emb=image_emb, text_emb=text_emb, logit_scale=self.scale(), fused=fuse(rows, rows), fuse=fuse,
-            valid=tasks_lib.batch_valid(batch, b),
+            vision_hidden=vision_hidden, row_tiles=row_tiles, patches=patches, patch_mask=patch_mask,
+            patch_grid=patch_grid, image_emb=image_emb, text_emb=text_emb, logit_scale=self.scale(),
+            fused=fuse(rows, rows), fuse=fuse, valid=tasks_lib.batch_valid(batch, b),
             image_id=batch.get("image_id"), negatives=negatives, query_fused=query_fused,
             rng=self.sample_rng() if train else None, text_hidden=text_hidden, text_mask=batch["text_mask"],
             lm_hidden=lm_hidden, lm_head=backbone.logits)

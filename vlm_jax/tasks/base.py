@@ -13,6 +13,9 @@ A task is an `nnx.Module` subclass of `Task` with
                      batch's `query_ids`);
   reads_lm           (attribute) True when the task reads `Features.lm_hidden` (the model then runs the language
                      model over the batch's `lm_ids` with the image tokens);
+  reads_patches      (attribute) True when the task reads `Features.patches` / `patch_grid` / `patch_mask`;
+  reads_text_hidden  (attribute) True when the task reads `Features.text_hidden` (the caption's hidden states);
+                     the feature cache (`vlm_jax.feature_cache`) stores these only for the tasks that read them;
   metric_names       the keys `metrics` returns (``config.checkpoint.best_metric`` is checked against them);
   __init__(cfg, widths, *, rngs)        cfg = config.tasks.<name>, widths = `Widths` of the shared features;
   __call__(features, batch, *, train)   -> dict of outputs;
@@ -52,7 +55,8 @@ class Features:
     """What the backbone and the shared embedding layers computed for one batch (B rows).
 
     vision_hidden  float[N, 1+P, Dv]  ViT output of the batch's N tiles (CLS first); `row_tiles` says whose
-    row_tiles      int32[B, T]        indices into the tiles of each row's image tiles (-1: none)
+                                      (None when the features come from the feature cache)
+    row_tiles      int32[B, T]        indices into the tiles of each row's image tiles (-1: none; None: cached)
     patches        float[B, T*P, Dv]  every patch token of each row's tiles (the heads attend over them)
     patch_mask     bool[B, T*P]       False on the patches of missing tiles
     patch_grid     float32[B, T*P, 2] (x, y) centre of each patch in normalised coordinates of the whole image
@@ -75,8 +79,8 @@ class Features:
     lm_head        float[..., D] -> float32[..., V]: the LM's output layer (logits from `lm_hidden`)
     """
 
-    vision_hidden: jax.Array
-    row_tiles: jax.Array
+    vision_hidden: jax.Array | None
+    row_tiles: jax.Array | None
     patches: jax.Array
     patch_mask: jax.Array
     patch_grid: jax.Array
@@ -108,6 +112,8 @@ class Task(nnx.Module):
     headline_metrics: ClassVar[tuple[str, ...]] = ()
     reads_query: bool = False
     reads_lm: bool = False
+    reads_patches: bool = False
+    reads_text_hidden: bool = False
 
     def __init__(self, cfg: ml_collections.ConfigDict, widths: Widths, *, rngs: nnx.Rngs):
         self.weight = float(cfg.weight)

@@ -31,6 +31,7 @@ class BoxTask(Task):
         if cfg.head not in HEADS:
             raise ValueError(f"tasks.box.head must be one of {HEADS}, got {cfg.head!r}")
         self.l1, self.giou, self.kind = float(cfg.l1), float(cfg.giou), cfg.head
+        self.reads_patches = self.kind == "attention"
         if cfg.head == "attention":
             self.head = heads.AttentionBoxHead(widths.fused, widths.vision, int(cfg.num_heads),
                                                int(cfg.hidden_dim) or widths.vision, rngs=rngs)

@@ -60,6 +60,7 @@ class DetectionTask(Task):
                             class_weight=float(cfg.class_weight))
         self.alpha, self.gamma = float(cfg.focal_alpha), float(cfg.focal_gamma)
         self.aux_loss, self.matching = bool(cfg.aux_loss), str(cfg.matching)
+        self.reads_patches, self.reads_text_hidden = True, cfg.memory == "vision_text"
         self.memory = detr.DetectionMemory(widths.vision, widths.text if cfg.memory == "vision_text" else None,
                                            width, rngs=rngs)
         self.decoder = detr.DetrDecoder(int(cfg.num_queries), width, int(cfg.num_layers), int(cfg.num_heads),

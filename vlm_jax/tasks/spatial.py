@@ -46,6 +46,7 @@ class SpatialTask(Task):
         if self.kind not in HEADS:
             raise ValueError(f"tasks.spatial.head must be one of {HEADS}, got {self.kind!r}")
         self.reads_query = self.query == "objects"
+        self.reads_patches = self.kind == "attention"
         hidden = int(cfg.hidden_dim)
         self.locate = float(cfg.get("locate", 0.0)) if self.kind == "attention" else 0.0
         if self.kind == "attention":
