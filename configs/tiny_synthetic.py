@@ -141,4 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
     # the `keep` best among those written at evaluations. A checkpoint is also written at every evaluation.
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, best_metric="", best_mode="max",
                                                   async_save=True))
+    # With a frozen backbone and late fusion: the backbone's outputs are written once per split (the first pass) and
+    # every later epoch and evaluation reads them (vlm_jax.feature_cache). "" = <workdir>/feature_cache.
+    c.feature_cache = ml_collections.ConfigDict(dict(enabled=False, dir=""))
     return c

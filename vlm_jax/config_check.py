@@ -109,6 +109,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     need(float(data.tile_budget) == 0 or float(data.tile_budget) >= 1,
          f"data.tile_budget={data.tile_budget}: expected 0 (no limit) or >= 1 tile per image")
     need(int(data.tile_buckets) >= 1, f"data.tile_buckets={data.tile_buckets}: expected >= 1")
+    cache = config.get("feature_cache")
+    if cache is not None and bool(cache.enabled):
+        fusion = config.model.embedding.fusion
+        need(fusion == "late", f"feature_cache.enabled with model.embedding.fusion={fusion!r}: the language model "
+                               "runs over trained image tokens for every pair; only 'late' fusion can be cached")
+        need("lm" not in config.tasks, "feature_cache.enabled with tasks.lm: the lm task trains through the language "
+                                       "model over the image tokens, which the cache does not hold")
     if ckpt.best_metric and not unknown:
         problem = _metric_problem(config, {k: tasks.TASKS[k] for k in config.tasks.keys()})
         need(problem is None, problem or "")

@@ -119,6 +119,20 @@ def splice_prompts(ids, mask, image_token_id: int, pair_image, pair_text):
     return out_ids, jnp.where(head, mask[pair_image], tail_mask)
 
 
+def cached_fields(vision_pool: str, tasks) -> tuple[str, ...]:
+    """The `MultitaskModel.backbone_outputs` fields that `tasks` (with `vision_pool`) read."""
+    tasks = list(tasks)
+    fields = [] if vision_pool == "map" else ["cached_image"]
+    if vision_pool == "map" or any(t.reads_patches for t in tasks):
+        fields += ["cached_patches", "cached_regions"]
+    fields.append("cached_text")
+    if any(t.reads_text_hidden for t in tasks):
+        fields.append("cached_text_hidden")
+    if any(t.reads_query for t in tasks):
+        fields.append("cached_query")
+    return tuple(fields)
+
+
 def _stream(rngs: nnx.Rngs, name: str):
     """The named rng stream, else 'default' (nnx.Rngs(0) has only 'default')."""
     if name in rngs:
@@ -221,15 +235,7 @@ class MultitaskModel(nnx.Module):
     @property
     def cached_fields(self) -> tuple[str, ...]:
         """The `backbone_outputs` fields this model's tasks read (what a feature cache stores per row)."""
-        fields = [] if self.config.vision_pool == "map" else ["cached_image"]
-        if self.reads_patches or self.config.vision_pool == "map":
-            fields += ["cached_patches", "cached_regions"]
-        fields.append("cached_text")
-        if self.reads_text_hidden:
-            fields.append("cached_text_hidden")
-        if self.reads_query:
-            fields.append("cached_query")
-        return tuple(fields)
+        return cached_fields(self.config.vision_pool, self.tasks.values())
 
     def backbone_outputs(self, batch: dict, backbone: InternVL | None = None) -> dict:
         """What the backbone gives each row, before any trainable layer: the fields `cached_fields` names.

@@ -37,21 +37,25 @@ def check_splits(config, *, train: bool) -> None:
     config_check.validate_splits(config, pipeline.make_builder(config.data).info.splits.keys(), train=train)
 
 
-def make_data(config, inputs, split: str, *, train: bool):
-    """This process's iterator of host batches (its share of ``config.batch_size`` / ``eval_batch_size``)."""
+def make_data(config, inputs, split: str, *, train: bool, cache=None):
+    """This process's iterator of host batches (its share of ``config.batch_size`` / ``eval_batch_size``);
+    with ``cache`` (this process's `vlm_jax.feature_cache.CacheShard` of the split) the batches carry the backbone's
+    cached outputs instead of images."""
     from vlm_jax.data import pipeline
 
     return pipeline.make_iterator(config.data, inputs, split=split, train=train,
                                   global_batch_size=config.batch_size if train else config.eval_batch_size,
                                   seed=config.seed, shard_index=jax.process_index(),
                                   shard_count=jax.process_count(),
-                                  tile_multiple=sharding.local_batch_shards(sharding.make_mesh(config.mesh)))
+                                  tile_multiple=sharding.local_batch_shards(sharding.make_mesh(config.mesh)),
+                                  cache=cache)
 
 
-def collect_state(trainer: Trainer, state: TrainState, config, inputs, split: str) -> dict:
+def collect_state(trainer: Trainer, state: TrainState, config, inputs, split: str, cache=None) -> dict:
     """Per-example host outputs and batch fields of ``split`` (valid rows only) + ``loss_terms``."""
     local = config.eval_batch_size // jax.process_count()
-    return evaluate.collect(lambda b: trainer.eval_step(state, b), make_data(config, inputs, split, train=False),
+    return evaluate.collect(lambda b: trainer.eval_step(state, b),
+                            make_data(config, inputs, split, train=False, cache=cache),
                             local, lambda b: sharding.global_batch(b, trainer.mesh))
 
 

@@ -96,6 +96,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
     runs.check_splits(config, train=True)
     num_steps = resolve_num_train_steps(config)
     trainer = make_trainer(config, mesh, num_steps, backbone.config)
+    caching = bool(config.get("feature_cache", {}).get("enabled", False))
+    if caching:
+        from vlm_jax import feature_cache
+
+        feature_cache.check_cacheable(config, trainer)  # before any data is read
     checkpoints = run_checkpoints.RunCheckpoints(workdir, config.checkpoint)
     _check_resume(checkpoints, config, allow_config_change)
     inputs = runs.model_inputs(backbone)
@@ -110,6 +115,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
         return run_summary.last_evaluations(workdir)[1]
     state = trainer.assemble(model_state, items)
     del model_state, items
+    caches: dict[str, Any] = {}
+    if caching:  # the backbone's outputs of every split once; the iterator goes on from the restored position
+        caches = feature_cache.prepare(trainer, state, config, inputs, workdir)
+        cached_iter = runs.make_data(config, inputs, config.data.train_split, train=True,
+                                     cache=caches[config.data.train_split])
+        cached_iter.set_state(train_iter.get_state())
+        train_iter = cached_iter
     meta = dict(config=config.to_json(), source=source)
 
     log = RunLog(workdir)
@@ -148,7 +160,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
     def evaluate_all(step):
         for split in config.eval_splits:
             began = time.monotonic()
-            collected = runs.collect_state(trainer, state, config, inputs, split)
+            collected = runs.collect_state(trainer, state, config, inputs, split, caches.get(split))
             results[split] = evaluate.compute_metrics(trainer.tasks.values(), collected)
             log.evaluation(step, split, results[split])
             logging.info("%s", console.headline(split, step, results[split], trainer.headline_metrics,

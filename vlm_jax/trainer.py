@@ -199,6 +199,16 @@ class Trainer:
         return {"outputs": {k: outputs[k] for k in output_keys},
                 "batch": {k: batch[k] for k in (*fields, "valid")}, "terms": terms}
 
+    def _backbone_step(self, state: TrainState, batch: dict):
+        return self.model(state).backbone_outputs(batch)
+
+    @functools.cached_property
+    def backbone_step(self) -> Callable:
+        """jit(backbone_step)(state, batch) -> the backbone's per-row outputs (`MultitaskModel.backbone_outputs`:
+        what the feature cache stores)."""
+        batch_sh = sharding.batch_sharding(self.mesh)
+        return jax.jit(self._backbone_step, in_shardings=(self.state_shardings, batch_sh), out_shardings=batch_sh)
+
     @functools.cached_property
     def train_step(self) -> Callable:
         """jit(train_step)(state, batch, rng) -> (state, metrics); the state is donated."""

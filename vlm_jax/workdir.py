@@ -26,7 +26,7 @@ SAFE_TO_CHANGE = (
     "num_train_steps", "num_epochs", "log_every", "eval_every", "eval_splits", "eval_batch_size",
     "max_consecutive_nonfinite", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.best_metric",
     "checkpoint.best_mode", "checkpoint.async_save", "data.data_dir", "data.manual_dir", "model.attention",
-    "model.remat",
+    "model.remat", "feature_cache.enabled", "feature_cache.dir",
 )
 
 

@@ -41,7 +41,7 @@ def bucket_sizes(limit: int, count: int, multiple: int = 1) -> tuple[int, ...]:
 
 
 # The encoder's per-example keys for the batcher (not batch fields).
-_PRIVATE = ("_image_tiles", "_image_regions", "_encoded", "_caption", "_target")
+_PRIVATE = ("_image_tiles", "_image_regions", "_encoded", "_caption", "_target", "_record_index", "_caption_index")
 
 
 @dataclasses.dataclass
@@ -56,6 +56,7 @@ class Batcher:
     prompt_sizes: tuple[int, ...]  # allowed Lp, ascending
     share_images: bool  # rows with the same image_id share its tiles (evaluation)
     lm_sizes: tuple[int, ...] = ()  # allowed LM sequence lengths, ascending (with generative targets)
+    with_keys: bool = False  # batches carry record_index and caption_index int64[B] (the feature cache's keys)
 
     def __call__(self, examples: Sequence[dict]) -> dict:
         slots: dict[Any, int] = {}
@@ -99,7 +100,7 @@ class Batcher:
         length = next((size for size in self.prompt_sizes if size >= longest), longest)
         prompt_ids, prompt_mask = prompts.batch(seqs, length=length, padding_side="right")
 
-        out = {k: np.stack([ex[k] for ex in examples]) for k in examples[0] if k not in _PRIVATE}
+        out = stack_fields(examples, self.with_keys)
         if "_target" in examples[0]:
             out.update(self.lm_sequences(examples, num_tiles))
         real_tokens = sum(len(seq) for seq in seqs)
@@ -136,8 +137,17 @@ class Batcher:
         return out
 
 
+def stack_fields(examples: Sequence[dict], with_keys: bool = False) -> dict:
+    """The examples' row fields stacked (private keys dropped; `with_keys`: record_index and caption_index kept)."""
+    out = {k: np.stack([ex[k] for ex in examples]) for k in examples[0] if k not in _PRIVATE}
+    if with_keys:
+        out["record_index"] = np.asarray([ex["_record_index"] for ex in examples], np.int64)
+        out["caption_index"] = np.asarray([ex["_caption_index"] for ex in examples], np.int64)
+    return out
+
+
 def make_batcher(data_config: ml_collections.ConfigDict, encode, rows: int, *, tile_multiple: int = 1,
-                 share_images: bool) -> Batcher:
+                 share_images: bool, with_keys: bool = False) -> Batcher:
     """The batch function for `rows` examples of `encode` (an `_Encoder`, or anything with its `tiles`,
     `use_thumbnail`, `image_size`, `prompts` and `prompt_length`): the tile budget, `tile_buckets` tile-array
     sizes (multiples of `tile_multiple`) and as many prompt lengths (multiples of 8, none past the longest)."""
@@ -146,4 +156,5 @@ def make_batcher(data_config: ml_collections.ConfigDict, encode, rows: int, *, t
     lengths = lambda longest: tuple(sorted({min(n, longest) for n in bucket_sizes(longest, count, 8)}))  # noqa: E731
     lm_sizes = lengths(int(encode.lm_length)) if getattr(encode, "lm_kinds", ()) else ()
     return Batcher(encode, tiles_per_image(data_config), budget, bucket_sizes(budget, count, tile_multiple),
-                   lengths(int(encode.prompt_length)), share_images=share_images, lm_sizes=lm_sizes)
+                   lengths(int(encode.prompt_length)), share_images=share_images, lm_sizes=lm_sizes,
+                   with_keys=with_keys)

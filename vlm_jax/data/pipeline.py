@@ -229,6 +229,7 @@ class _Encoder:
     with_queries: bool  # the records name each caption's subject and reference
     lm_kinds: tuple[str, ...] = ()  # generative targets (`generative.KINDS`) of the LM task; () = none
     lm_length: int = 0  # the longest LM sequence
+    with_images: bool = True  # False: the image is neither decoded nor tiled (its features come from a cache)
 
     def __post_init__(self):
         self._captions = copy.copy(self.builder)
@@ -283,12 +284,15 @@ class _Encoder:
             boxes[: len(names)] = np.asarray(record["object_boxes"], np.float32).reshape(-1, 4)
         return {"scene_keys": keys, "scene_boxes": boxes}
 
-    def __call__(self, record: dict, k: int, kind: str | None = None) -> dict:
-        """The example: caption fields, and under private keys for `batching.Batcher` the image's tiles and (`kind`) the
-        generative target."""
+    def __call__(self, record: dict, k: int, kind: str | None = None, index: int = -1) -> dict:
+        """The example: caption fields, and under private keys for `batching.Batcher` the image's tiles, (`kind`) the
+        generative target and the record's index in the split and caption index (the feature cache's keys)."""
         out = self.caption(record, k)
+        out.update(_record_index=np.int64(index), _caption_index=np.int64(k))
         if kind is not None:
             out["_target"] = generative.make_target(record, k, kind)
+        if not self.with_images:
+            return out
         image_id = int(record["image_id"])
         image = preprocess.load_image(record["image"], name=f"{self.dataset} image_id={image_id}")
         tiles, regions = self.tiles(image, image_id, self.max_tiles)
@@ -307,7 +311,7 @@ class _RandomCaption:
         record = self.source[index]
         k = int(rng.integers(len(record["captions"])))
         kinds = self.encode.lm_kinds
-        return self.encode(record, k, generative.pick_kind(kinds, rng, index) if kinds else None)
+        return self.encode(record, k, generative.pick_kind(kinds, rng, index) if kinds else None, index)
 
 
 @dataclasses.dataclass
@@ -321,7 +325,7 @@ class _Pair:
         record_index, k, valid = (int(v) for v in item)
         kinds = self.encode.lm_kinds
         out = self.encode(self.source[record_index], k,
-                          generative.pick_kind(kinds, None, record_index + k) if kinds else None)
+                          generative.pick_kind(kinds, None, record_index + k) if kinds else None, record_index)
         out["valid"] = np.bool_(valid)
         return out
 
@@ -385,6 +389,24 @@ def _caption_counts(builder, source) -> list[int]:
     return [k] * len(source) if k else [len(source[i]["captions"]) for i in range(len(source))]
 
 
+def shard_images(data_config: ml_collections.ConfigDict, split: str, shard_index: int,
+                 shard_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int64[I] the records of `split` shard `shard_index` of `shard_count` reads: shard_index, shard_index +
+    shard_count, ...; int64[I] their caption counts), the same images in training and evaluation."""
+    builder, source = load_source(data_config, split)
+    counts = np.asarray(_caption_counts(builder, source), np.int64)
+    records = np.arange(shard_index, len(counts), shard_count, dtype=np.int64)
+    return records, counts[records]
+
+
+def eval_batch_count(data_config: ml_collections.ConfigDict, split: str, shard_count: int,
+                     local_batch_size: int) -> int:
+    """The number of evaluation batches every shard of `split` yields."""
+    builder, source = load_source(data_config, split)
+    counts = _caption_counts(builder, source)
+    return len(_eval_items(counts, 0, shard_count, local_batch_size)) // local_batch_size
+
+
 def _eval_items(counts: Sequence[int], shard_index: int, shard_count: int, local_batch_size: int) -> np.ndarray:
     """int64[P, 3] (record, caption, valid): the pairs of this shard's images (records k, k + n, ...), padded so
     every shard has the same batch count. Sharding by image keeps an image's captions in one process, where they
@@ -413,7 +435,8 @@ def scene_size(builder) -> int:
 
 def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *, split: str, train: bool,
                   global_batch_size: int, seed: int, shard_index: int, shard_count: int,
-                  tile_multiple: int = 1) -> PipelineIterator:
+                  tile_multiple: int = 1, cache=None, with_keys: bool = False,
+                  first_batch: int = 0) -> PipelineIterator:
     """This process's iterator of host batches of `global_batch_size / shard_count` rows.
 
     train=True: shuffled (by `seed`), one random caption per image, `num_epochs` passes (-1 = forever), full batches
@@ -422,6 +445,9 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
     Shard `shard_index` of `shard_count` (jax.process_index() / jax.process_count() in a multi-process run) reads a
     disjoint 1/shard_count of the images. `tile_multiple`: tile counts are multiples of it (the devices this
     process's share of the batch is split over).
+    `cache` (a `vlm_jax.feature_cache.CacheShard` of this split and shard): images are not decoded; the batches carry
+    the backbone's cached outputs instead of tiles and prompts. `with_keys`: batches carry `record_index` and
+    `caption_index` int64[B] (the cache's keys). `first_batch` (eval only): start at that batch.
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
@@ -435,8 +461,13 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
                       prompt_length=prompt_length(data_config, inputs), min_tiles=int(data_config.min_tiles),
                       max_tiles=int(data_config.max_tiles), use_thumbnail=bool(data_config.use_thumbnail),
                       scene_size=scene_size(builder), with_queries="subjects" in features and "references" in features,
-                      lm_kinds=tuple(data_config.get("lm_kinds", ())), lm_length=lm_length(data_config, inputs))
-    batcher = make_batcher(data_config, encode, local_batch_size, tile_multiple=tile_multiple, share_images=not train)
+                      lm_kinds=tuple(data_config.get("lm_kinds", ())), lm_length=lm_length(data_config, inputs),
+                      with_images=cache is None)
+    if cache is not None:
+        batcher = cache.batcher(data_config)
+    else:
+        batcher = make_batcher(data_config, encode, local_batch_size, tile_multiple=tile_multiple,
+                               share_images=not train, with_keys=with_keys)
     if train:
         indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
         if len(indices) < local_batch_size:
@@ -447,6 +478,7 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
         ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=batcher)
     else:
         items = _eval_items(_caption_counts(builder, source), shard_index, shard_count, local_batch_size)
+        items = items[first_batch * local_batch_size:]
         ds = grain.MapDataset.source(items).map(_Pair(source, encode)).batch(local_batch_size, batch_fn=batcher)
     # grain's default reads ahead 500 elements on 16 threads from the moment the iterator exists; on a few cores
     # those threads take the interpreter from the training loop (and a resumed iterator throws that read-ahead
