@@ -10,6 +10,12 @@ Run:
     python -m vlm_jax.main --config configs/internvl3_1b_retrieval.py --workdir /runs/internvl3_1b_retrieval \\
         --config.model.converted_dir=/data/internvl3_1b --config.data.manual_dir=/data/coco
 
+The backbone is frozen and fusion is late, so `--config.feature_cache.enabled=True` computes it once per split (a
+first pass over the images and all their captions) and trains epochs 2..5 from the cached outputs: the same model,
+epochs about 200x faster and the whole run about 3.4x faster at these widths with 2 layers per tower on a 2-core CPU
+(experiments/benchmark_cache.py; the README's figures). The cache takes 22 KB per image with its 5 captions (pooled
+float32 features): about 2.5 GB for the 113,287 Karpathy training images.
+
 Result: not measured here (needs the real checkpoint, COCO and an accelerator; a CPU step at this size takes
 seconds). experiments/benchmark_train_step.py reports its step cost relative to the forward pass.
 Seed recipe's text pooling was the first token; pass --config.model.embedding.text_pool=first to reproduce it.

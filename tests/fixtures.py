@@ -51,6 +51,15 @@ def data_config(**changes) -> ml_collections.ConfigDict:
     return c
 
 
+def build_tiny_data(tmp_path_factory) -> str:
+    """A fresh data_dir holding spatial_shapes' "tiny" build (`data_config`), for a module's tests."""
+    from vlm_jax.data import pipeline
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    pipeline.make_builder(data_config(data_dir=path))
+    return path
+
+
 def make_tasks(settings: dict, widths: tasks_lib.Widths | None = None, seed: int = 0) -> dict:
     """Task modules {name: Task} for the tasks named in ``settings`` ({task: {field: value}}), each starting from
     the demo config's section of that task; default widths: vision 8, text 8, embeddings 16, fused 32."""

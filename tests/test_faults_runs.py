@@ -31,11 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from vlm_jax.data import pipeline
-
-    path = str(tmp_path_factory.mktemp("tfds"))
-    pipeline.make_builder(fixtures.data_config(data_dir=path))
-    return path
+    return fixtures.build_tiny_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

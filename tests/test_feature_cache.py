@@ -43,11 +43,7 @@ def cached_config(data_dir: str, *, enabled: bool = True):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from vlm_jax.data import pipeline
-
-    path = str(tmp_path_factory.mktemp("tfds"))
-    pipeline.make_builder(fixtures.data_config(data_dir=path))
-    return path
+    return fixtures.build_tiny_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

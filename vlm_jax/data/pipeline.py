@@ -52,6 +52,12 @@ Batch fields (numpy; row fields have this process's B rows first, tile fields it
     lm_kind      int32[B]  the question's kind (index in `generative.KINDS`): drawn per example in training, a fixed
                  cycle in evaluation
 
+With a feature cache (`make_iterator(..., cache=shard)`, `vlm_jax.feature_cache`) images are neither decoded nor
+tiled: `tiles`, `tile_regions`, `row_tiles` and the prompts are replaced by the backbone's cached outputs of each
+row (`cached_image`, `cached_patches`, `cached_regions`, `cached_text`, `cached_text_hidden`, `cached_query`: those
+the tasks read; see `MultitaskModel.backbone_outputs`), `num_tiles` and `image_aspect` come from the cache, and the
+order, caption draws and iterator state are those of the uncached iterator.
+
 Determinism and resume: the order depends only on (seed, shard, config); `PipelineIterator` is a grain
 `DatasetIterator`, so `get_state()`/`set_state()` resume exactly and `checkpoint_args(it)` /
 `checkpoint_restore_args(it)` are the items to put into an orbax `ocp.args.Composite` checkpoint.
