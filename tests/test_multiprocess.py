@@ -88,7 +88,8 @@ def test_two_processes_each_cache_their_own_shard(tmp_path):
     _run_two(workdir, data_dir, "--config.feature_cache.enabled=True",
              "--config.optim.rules=((\"backbone/.*\", \"frozen\"), (\".*\", \"all\"))")
     for split, images in (("train", 256), ("validation", 64)):
-        shards = sorted((workdir / "feature_cache" / split).glob("*/process_*_of_2/complete.json"))
+        shards = sorted((workdir / "feature_cache" / split).glob("*/process_*_of_2/complete.json"),
+                        key=lambda p: p.parent.name)
         assert [p.parent.name for p in shards] == ["process_0_of_2", "process_1_of_2"]
         assert [json.loads(p.read_text())["images"] for p in shards] == [images // 2] * 2
         # The two keys differ (the shard is part of the key) and neither process read the other's.

@@ -172,6 +172,7 @@ DESCRIPTIONS: dict[str, str] = {
                                  "kept) before the run checkpoints and stops",
 
     "checkpoint": "orbax checkpoints in WORKDIR/checkpoints/<step>; a run resumes from the newest intact one",
+    "feature_cache": "the frozen backbone's outputs on disk (vlm_jax.feature_cache); needs late fusion, no lm task",
     "feature_cache.enabled": "compute the frozen backbone once per split, then train heads from its cached outputs",
     "feature_cache.dir": "where the feature cache lives; '' = <workdir>/feature_cache",
     "checkpoint.every_steps": "micro-steps between checkpoints (also written at every evaluation and at the end)",

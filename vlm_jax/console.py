@@ -19,6 +19,9 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 def quiet_third_party() -> None:
     """Environment switches read at import time by TensorFlow and transformers (no effect once they are loaded)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # oneDNN and CPU-feature notices
+    # TensorFlow 2.21 prints its "oneDNN custom operations are on" notice whatever the level on some CPUs; here it
+    # only reads and writes dataset records, so its oneDNN kernels (and the notice) are switched off.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found ..."
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
