@@ -46,15 +46,20 @@ def cache_root(config, workdir: str) -> epath.Path:
     return epath.Path(config.feature_cache.dir or epath.Path(workdir) / "feature_cache")
 
 
-def open_shard(config, trainer, state, inputs, split: str, root, *, shard_index: int,
-               shard_count: int) -> tuple[CacheShard, dict]:
-    """(the cache of `split` for this shard, the settings of its key), at root/<split>/<key[:16]>/process_<i>_of_<n>."""
+def backbone_digest(state) -> str:
+    """sha256 of the frozen backbone's parameters in the train state."""
+    return key_lib.weights_digest(state.frozen["backbone"] if "backbone" in state.frozen else state.frozen)
+
+
+def open_shard(config, trainer, state, inputs, split: str, root, *, shard_index: int, shard_count: int,
+               weights: str | None = None) -> tuple[CacheShard, dict]:
+    """(the cache of `split` for this shard, the settings of its key), at root/<split>/<key[:16]>/process_<i>_of_<n>.
+    `weights`: `backbone_digest(state)` when already computed."""
     from vlm_jax.data import pipeline
 
     builder = pipeline.make_builder(config.data)
-    frozen = state.frozen["backbone"] if "backbone" in state.frozen else state.frozen
     fields = multitask.cached_fields(config.model.embedding.vision_pool, trainer.tasks.values())
-    settings = key_lib.cache_settings(config, builder, split, inputs, key_lib.weights_digest(frozen), fields,
+    settings = key_lib.cache_settings(config, builder, split, inputs, weights or backbone_digest(state), fields,
                                       shard_index, shard_count)
     key = key_lib.cache_key(settings)
     records, counts = pipeline.shard_images(config.data, split, shard_index, shard_count)
@@ -162,9 +167,10 @@ def prepare(trainer, state, config, inputs, workdir: str) -> dict[str, CacheShar
     root = cache_root(config, workdir)
     shard_index, shard_count = jax.process_index(), jax.process_count()
     caches = {}
+    weights = backbone_digest(state)
     for split in dict.fromkeys((config.data.train_split, *config.eval_splits)):
         cache, settings = open_shard(config, trainer, state, inputs, split, root, shard_index=shard_index,
-                                     shard_count=shard_count)
+                                     shard_count=shard_count, weights=weights)
         caches[split] = write_shard(trainer, state, config, inputs, split, cache, settings,
                                     shard_index=shard_index, shard_count=shard_count)
     return caches
