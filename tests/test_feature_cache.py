@@ -147,13 +147,19 @@ def write_until_killed(data_dir: str, workdir: str, batches: int) -> None:
                               on_batch=kill)
 
 
-def test_each_process_shard_holds_its_own_images(run_parts, tmp_path):
+def test_each_process_shard_holds_its_own_images(run_parts, tmp_path, caplog):
     cfg, trainer, state, inputs = run_parts
     root = tmp_path / "cache"
     one, settings = feature_cache.open_shard(cfg, trainer, state, inputs, "validation", root, shard_index=0,
                                              shard_count=1)
-    feature_cache.write_shard(trainer, state, cfg, inputs, "validation", one, settings, shard_index=0,
-                              shard_count=1)
+    with caplog.at_level("INFO"):
+        feature_cache.write_shard(trainer, state, cfg, inputs, "validation", one, settings, shard_index=0,
+                                  shard_count=1)
+    # The size is estimated and logged before the first write, and it is what the files take.
+    done = json.loads((one.directory / "complete.json").read_text())
+    estimate = [r.getMessage() for r in caplog.records if "MiB (" in r.getMessage()]
+    assert len(estimate) == 1 and "64 images, 128 captions" in estimate[0]
+    assert f"{done['bytes'] / 2**20:.1f} MiB" in estimate[0]
     for index in range(2):
         shard, settings = feature_cache.open_shard(cfg, trainer, state, inputs, "validation", root,
                                                    shard_index=index, shard_count=2)
