@@ -15,9 +15,10 @@ adapters and heads (`config.feature_cache.enabled`).
       (`cached_image`, `cached_patches`, `cached_regions`, `cached_text`, `cached_text_hidden`, `cached_query`:
       only those the configured tasks read), and the model's `features` skips the backbone.
 
-Cached rows are what the backbone step returns (same dtype, bit for bit), the data order and the dropout and
-sampling streams are those of the uncached run, so a run with the cache trains the same model. Every image is cached
-at its own tiling: the tile budget, a bound on the vision tower's work per batch, does not apply.
+Cached rows are what the backbone step returned (same dtype, the same bits; other batches than the train step's, so
+its own values may differ in the last bits), the data order and the dropout and sampling streams are those of the
+uncached run, so a run with the cache trains the same model (tests/test_feature_cache.py: within 1e-6). Every
+image is cached at its own tiling: the tile budget, a bound on the vision tower's work per batch, does not apply.
 """
 
 from vlm_jax.feature_cache.prepare import cache_root, check_cacheable, open_shard, prepare, write_shard
