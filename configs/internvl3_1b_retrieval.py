@@ -12,7 +12,7 @@ Run:
 
 The backbone is frozen and fusion is late, so `--config.feature_cache.enabled=True` computes it once per split (a
 first pass over the images and all their captions) and trains epochs 2..5 from the cached outputs: the same model,
-epochs about 200x faster and the whole run about 3.4x faster at these widths with 2 layers per tower on a 2-core CPU
+epochs about 190x faster and the whole run about 3.6x faster at these widths with 2 layers per tower on a 2-core CPU
 (experiments/benchmark_cache.py; the README's figures). The cache takes 22 KB per image with its 5 captions (pooled
 float32 features): about 2.5 GB for the 113,287 Karpathy training images.
 
