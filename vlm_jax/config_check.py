@@ -111,11 +111,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     need(int(data.tile_buckets) >= 1, f"data.tile_buckets={data.tile_buckets}: expected >= 1")
     cache = config.get("feature_cache")
     if cache is not None and bool(cache.enabled):
-        fusion = config.model.embedding.fusion
-        need(fusion == "late", f"feature_cache.enabled with model.embedding.fusion={fusion!r}: the language model "
-                               "runs over trained image tokens for every pair; only 'late' fusion can be cached")
-        need("lm" not in config.tasks, "feature_cache.enabled with tasks.lm: the lm task trains through the language "
-                                       "model over the image tokens, which the cache does not hold")
+        problems.extend(feature_cache_problems(config))
     if ckpt.best_metric and not unknown:
         problem = _metric_problem(config, {k: tasks.TASKS[k] for k in config.tasks.keys()})
         need(problem is None, problem or "")
@@ -133,6 +129,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         problems.append(f"mesh={config.mesh.to_dict()}: {err}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def feature_cache_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Why `config`'s model cannot train from cached backbone outputs, decided from the config alone (the
+    trainable-parameter check needs the model: `vlm_jax.feature_cache.check_cacheable`)."""
+    problems = []
+    fusion = config.model.embedding.fusion
+    if fusion != "late":
+        problems.append(f"feature_cache.enabled with model.embedding.fusion={fusion!r}: the language model runs over "
+                        "trained image tokens for every pair; only 'late' fusion can be cached")
+    if "lm" in config.tasks:
+        problems.append("feature_cache.enabled with tasks.lm: the lm task trains through the language model over "
+                        "the image tokens, which the cache does not hold")
+    return problems
 
 
 def validate_splits(config: ml_collections.ConfigDict, available: Iterable[str], *, train: bool = True) -> None:

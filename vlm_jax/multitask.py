@@ -191,8 +191,6 @@ class MultitaskModel(nnx.Module):
                                for name in sorted(task_configs.keys())})
         self.reads_query = any(t.reads_query for t in self.tasks.values())
         self.reads_lm = any(t.reads_lm for t in self.tasks.values())
-        self.reads_patches = any(t.reads_patches for t in self.tasks.values())
-        self.reads_text_hidden = any(t.reads_text_hidden for t in self.tasks.values())
         if self.reads_query and embedding.fusion != "late":
             raise ValueError("a task reads the spatial query (tasks.spatial.query='objects'), which needs "
                              f"model.embedding.fusion='late'; got {embedding.fusion!r}")
@@ -221,10 +219,8 @@ class MultitaskModel(nnx.Module):
     def encode_image(self, image):
         """float[B, S, S, 3] -> float32[B, E] unit-norm image embeddings (eval mode)."""
         hidden = self.backbone.vision_hidden_states(image)[:, None]  # [B, 1, 1+P, Dv]
-        present = jnp.ones(hidden.shape[:2], bool)
-        if self.config.vision_pool == "map":
-            return self._image_branch(self._pool_patches(hidden[:, :, 1:], present), train=False)
-        pooled = pooling.pool_tiles(hidden, present, self.config.vision_pool, self.config.get("tile_pool", "all"))
+        pooled = pooling.pool_tiles(hidden, jnp.ones(hidden.shape[:2], bool), self.config.vision_pool,
+                                    self.config.get("tile_pool", "all"), self.vision_pool)
         return self._image_branch(pooled, train=False)
 
     def encode_text(self, ids, mask):
@@ -237,7 +233,7 @@ class MultitaskModel(nnx.Module):
         """The `backbone_outputs` fields this model's tasks read (what a feature cache stores per row)."""
         return cached_fields(self.config.vision_pool, self.tasks.values())
 
-    def backbone_outputs(self, batch: dict, backbone: InternVL | None = None) -> dict:
+    def backbone_outputs(self, batch: dict) -> dict:
         """What the backbone gives each row, before any trainable layer: the fields `cached_fields` names.
 
         cached_image        float32[B, Dv]    the row's tiles pooled (`vision_pool` cls / mean, `tile_pool`)
@@ -248,7 +244,7 @@ class MultitaskModel(nnx.Module):
         cached_query        float32[B, D]     the spatial query's hidden states pooled
         A batch holding these fields (from `vlm_jax.feature_cache`) skips the backbone in `features`.
         """
-        return self._run_backbone(backbone or self.backbone, batch)[0]
+        return self._run_backbone(self.backbone, batch)[0]
 
     def _run_backbone(self, backbone: InternVL, batch: dict):
         """(`backbone_outputs` fields, float[N, 1+P, Dv] vision hidden states, int32[B, T] row_tiles,

@@ -13,7 +13,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from vlm_jax import multitask, optim, sharding
+from vlm_jax import config_check, multitask, optim, sharding
 from vlm_jax.feature_cache import key as key_lib
 from vlm_jax.feature_cache.store import CAPTION_FIELDS, IMAGE_FIELDS, CacheError, CacheShard, ShardLayout, \
     field_spec, row_bytes
@@ -22,14 +22,7 @@ from vlm_jax.feature_cache.store import CAPTION_FIELDS, IMAGE_FIELDS, CacheError
 def check_cacheable(config, trainer) -> None:
     """CacheError naming why `config` cannot train from cached backbone outputs: a trainable backbone parameter
     (its paths), fusion 'lm' or the lm task (their language model reads trained image tokens)."""
-    problems = []
-    if config.model.embedding.fusion != "late":
-        problems.append(f"model.embedding.fusion={config.model.embedding.fusion!r} runs the language model over the "
-                        "image tokens for every pair; only 'late' fusion has backbone outputs that do not change")
-    generative = sorted(name for name, task in trainer.tasks.items() if task.reads_lm)
-    if generative:
-        problems.append(f"tasks {generative} train through the language model's outputs over the image tokens, "
-                        "which the cache does not hold")
+    problems = config_check.feature_cache_problems(config)
     params = nnx.split_state(trainer.abstract_model, trainer.trainable, ...)[0]
     paths = [optim.path_to_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     trainable = [p for p in paths if p.startswith("backbone/")]

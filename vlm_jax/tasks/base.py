@@ -57,7 +57,8 @@ class Features:
     vision_hidden  float[N, 1+P, Dv]  ViT output of the batch's N tiles (CLS first); `row_tiles` says whose
                                       (None when the features come from the feature cache)
     row_tiles      int32[B, T]        indices into the tiles of each row's image tiles (-1: none; None: cached)
-    patches        float[B, T*P, Dv]  every patch token of each row's tiles (the heads attend over them)
+    patches        float[B, T*P, Dv]  every patch token of each row's tiles (the heads attend over them); None
+                                      with the next two unless a task `reads_patches` or vision_pool is 'map'
     patch_mask     bool[B, T*P]       False on the patches of missing tiles
     patch_grid     float32[B, T*P, 2] (x, y) centre of each patch in normalised coordinates of the whole image
     image_emb      float32[B, E]      unit-norm image embeddings
@@ -81,9 +82,9 @@ class Features:
 
     vision_hidden: jax.Array | None
     row_tiles: jax.Array | None
-    patches: jax.Array
-    patch_mask: jax.Array
-    patch_grid: jax.Array
+    patches: jax.Array | None
+    patch_mask: jax.Array | None
+    patch_grid: jax.Array | None
     image_emb: jax.Array
     text_emb: jax.Array
     logit_scale: jax.Array
