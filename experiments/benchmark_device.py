@@ -315,8 +315,9 @@ def torch_memory(device) -> dict:
 
 
 def _rounded(value):
+    # Significant digits, not decimals: the smoke run's TFLOP/s are ~1e-5 and must not print as 0.
     if isinstance(value, float):
-        return round(value, 4)
+        return float(f"{value:.4g}")
     return [_rounded(v) for v in value] if isinstance(value, list) else value
 
 
