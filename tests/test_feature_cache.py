@@ -1,5 +1,5 @@
 """The feature cache (`vlm_jax.feature_cache`): a run with it trains the same model as a run without (dropout on,
-dynamic tiles, patch-reading head, spatial queries), resumed runs too; a write pass killed with SIGKILL resumes to the
+dynamic tiles, patch-reading head, spatial queries), resumed runs and `--mode eval` too; a write pass killed with SIGKILL resumes to the
 same bytes; keys change with what changes a row and only with that; each process's shard holds its own images;
 refusals name their cause before any data is read.
 """
@@ -93,6 +93,16 @@ def test_a_cached_run_trains_the_same_model_and_resumes(data_dir, tmp_path):
     for name in expected:
         assert resumed[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-6), name
     assert {p: p.stat().st_mtime_ns for p in complete} == written
+
+    # --mode eval of the last checkpoint reads the run's validation cache; on the uncached run's workdir it writes
+    # the validation split's cache only (never the training split's).
+    for workdir in (cached, plain):
+        evaluated = runs.evaluate_checkpoint(cached_config(data_dir), workdir)["validation"]
+        for name in expected:
+            assert evaluated[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-6), (workdir, name)
+    assert {p: p.stat().st_mtime_ns for p in complete} == written
+    assert [p.parts[-4] for p in (Path(plain) / "feature_cache").glob("*/*/process_0_of_1/complete.json")] == [
+        "validation"]
 
 
 def _arrays(directory: Path) -> dict:

@@ -79,9 +79,10 @@ def eval_pictures(trainer: Trainer, config, split: str, collected: dict, cache: 
         return {}
 
 
-def evaluate_state(trainer: Trainer, state: TrainState, config, inputs, split: str) -> dict[str, float]:
-    """Every task's metrics on ``split``."""
-    return evaluate.compute_metrics(trainer.tasks.values(), collect_state(trainer, state, config, inputs, split))
+def evaluate_state(trainer: Trainer, state: TrainState, config, inputs, split: str, cache=None) -> dict[str, float]:
+    """Every task's metrics on ``split`` (from ``cache``, its `vlm_jax.feature_cache.CacheShard`, when given)."""
+    return evaluate.compute_metrics(trainer.tasks.values(),
+                                    collect_state(trainer, state, config, inputs, split, cache))
 
 
 @dataclasses.dataclass
@@ -128,8 +129,8 @@ def restore_run(workdir: str, step: int | None = None, config: ml_collections.Co
                        state=trainer.assemble(model_state, items), inputs=model_inputs(backbone))
 
 
-def evaluate_split(run: RestoredRun, split: str) -> dict[str, float]:
-    return evaluate_state(run.trainer, run.state, run.config, run.inputs, split)
+def evaluate_split(run: RestoredRun, split: str, cache=None) -> dict[str, float]:
+    return evaluate_state(run.trainer, run.state, run.config, run.inputs, split, cache)
 
 
 def collect_split(run: RestoredRun, split: str) -> dict:
@@ -138,17 +139,25 @@ def collect_split(run: RestoredRun, split: str) -> dict:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
     """``--mode eval``: evaluates a checkpoint of ``workdir`` on ``config.eval_splits`` and appends the results to
-    its metrics.jsonl (``mode="eval"``). Never builds the training split."""
+    its metrics.jsonl (``mode="eval"``). Never builds the training split. With ``feature_cache.enabled`` the
+    evaluation splits' caches are read (the training run's, when its backbone and settings are the same) or
+    written first."""
     from vlm_jax import console, run_summary
     from vlm_jax.run_logging import RunLog
 
     check_splits(config, train=False)
     run = restore_run(workdir, step, config)
+    caches = {}
+    if config.get("feature_cache", {}).get("enabled", False):
+        from vlm_jax import feature_cache
+
+        caches = feature_cache.prepare(run.trainer, run.state, config, run.inputs, workdir,
+                                       splits=tuple(config.eval_splits))
     log = RunLog(workdir)
     results = {}
     for split in config.eval_splits:
         began = time.monotonic()
-        results[split] = evaluate_split(run, split)
+        results[split] = evaluate_split(run, split, caches.get(split))
         seconds = time.monotonic() - began
         logging.info("%s", console.headline(split, run.step, results[split], run.trainer.headline_metrics, seconds))
         log.evaluation(run.step, split, results[split], mode="eval")

@@ -172,15 +172,18 @@ def _create(cache: CacheShard, spec: dict, settings: dict, split: str, shard_ind
     cache.create(spec, settings)
 
 
-def prepare(trainer, state, config, inputs, workdir: str) -> dict[str, CacheShard]:
-    """The caches of the training split and the evaluation splits for this process, written where missing:
-    {split: CacheShard}."""
+def prepare(trainer, state, config, inputs, workdir: str, splits: tuple[str, ...] | None = None
+            ) -> dict[str, CacheShard]:
+    """The caches of `splits` (default: the training split and the evaluation splits) for this process, written
+    where missing: {split: CacheShard}."""
     check_cacheable(config, trainer)
     root = cache_root(config, workdir)
     shard_index, shard_count = jax.process_index(), jax.process_count()
     caches = {}
     weights = backbone_digest(state)
-    for split in dict.fromkeys((config.data.train_split, *config.eval_splits)):
+    if splits is None:
+        splits = (config.data.train_split, *config.eval_splits)
+    for split in dict.fromkeys(splits):
         cache, settings = open_shard(config, trainer, state, inputs, split, root, shard_index=shard_index,
                                      shard_count=shard_count, weights=weights)
         caches[split] = write_shard(trainer, state, config, inputs, split, cache, settings,
