@@ -19,6 +19,7 @@ import fixtures
 from vlm_jax import build, config_check, runs, sharding, train
 from vlm_jax import feature_cache
 from vlm_jax.feature_cache import key as key_lib
+from vlm_jax.feature_cache import store
 from vlm_jax.trainer import make_trainer
 
 HERE = Path(__file__).resolve().parent
@@ -184,6 +185,43 @@ def test_each_process_shard_holds_its_own_images(run_parts, tmp_path, caplog):
             np.testing.assert_allclose(mine[name], whole[name], rtol=1e-5, atol=1e-5, err_msg=name)
         with pytest.raises(feature_cache.CacheError, match="not in this shard"):
             shard.rows(records + 1, captions)
+
+
+def _holes_supported(directory: Path) -> bool:
+    probe = directory / "probe"
+    with open(probe, "wb") as f:
+        f.truncate(1 << 20)
+    holes = os.stat(probe).st_blocks * 512 < (1 << 20)
+    probe.unlink()
+    return holes
+
+
+def test_the_patch_tiles_an_image_does_not_have_take_no_disk(tmp_path):
+    if not _holes_supported(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} has no sparse files")
+    tiles, tile_bytes = np.asarray([1, 2, 3, 4, 1, 2]), 16 * 256 * 4  # 16 KiB per tile: four pages
+    layout = feature_cache.ShardLayout(records=np.arange(6) * 3, caption_counts=np.asarray([1, 2, 1, 1, 1, 1]))
+    cache = feature_cache.CacheShard(tmp_path / "shard", "k", layout)
+    rng = np.random.default_rng(0)
+    patches = rng.normal(size=(6, 4, 16, 256)).astype(np.float32)
+    patches[np.arange(4)[None, :] >= tiles[:, None]] = 0  # the backbone's zeros after num_tiles
+    rows = [(0, 0), (3, 0), (3, 1), (6, 0), (9, 0), (12, 0), (15, 0)]  # (record, caption); image 3 twice
+    image = np.asarray([r // 3 for r, _ in rows])
+    outputs = dict(cached_patches=patches[image], num_tiles=tiles[image].astype(np.int32),
+                   cached_text=rng.normal(size=(len(rows), 8)).astype(np.float32))
+    cache.create(store.field_spec(outputs), {})
+    records, captions = np.asarray(rows).T
+    cache.write({k: v[:3] for k, v in outputs.items()}, records[:3], captions[:3])
+    cache.write({k: v[3:] for k, v in outputs.items()}, records[3:], captions[3:])
+    cache.mark_complete(2, 0.0)
+    got = cache.rows(records, captions)
+    for name, values in outputs.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+    path = cache.directory / "image.cached_patches.npy"
+    assert os.path.getsize(path) > 6 * 4 * tile_bytes  # every image's 4 tile slots (+ the header)
+    allocated = os.stat(path).st_blocks * 512
+    assert tiles.sum() * tile_bytes <= allocated <= tiles.sum() * tile_bytes + 7 * 2 * 4096  # + partial pages
+    assert json.loads((cache.directory / "complete.json").read_text())["disk_bytes"] == cache.disk_bytes()
 
 
 def _change_leaf(tree, name: str, change):

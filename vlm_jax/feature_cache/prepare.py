@@ -15,8 +15,8 @@ from flax import nnx
 
 from vlm_jax import config_check, multitask, optim, sharding
 from vlm_jax.feature_cache import key as key_lib
-from vlm_jax.feature_cache.store import CAPTION_FIELDS, IMAGE_FIELDS, CacheError, CacheShard, ShardLayout, \
-    field_spec, row_bytes
+from vlm_jax.feature_cache.store import CAPTION_FIELDS, IMAGE_FIELDS, SPARSE_TILE_FIELDS, CacheError, CacheShard, \
+    ShardLayout, field_spec, row_bytes
 
 
 def check_cacheable(config, trainer) -> None:
@@ -161,9 +161,11 @@ def _create(cache: CacheShard, spec: dict, settings: dict, split: str, shard_ind
     per_image = row_bytes(spec, IMAGE_FIELDS) + row_bytes(spec, CAPTION_FIELDS) * layout.num_captions / max(
         layout.num_images, 1)
     size = math.ceil(per_image * layout.num_images)
-    logging.info("Feature cache of %r (process %d of %d): %d images, %d captions, %.1f MiB (%.1f KiB per image) "
-                 "in %s", split, shard_index, shard_count, layout.num_images, layout.num_captions, size / 2**20,
-                 per_image / 2**10, cache.directory)
+    sparse = any(field in spec for field in SPARSE_TILE_FIELDS)  # the size counts every image's max_tiles
+    logging.info("Feature cache of %r (process %d of %d): %d images, %d captions, %s%.1f MiB (%.1f KiB per image) "
+                 "in %s%s", split, shard_index, shard_count, layout.num_images, layout.num_captions,
+                 "at most " if sparse else "", size / 2**20, per_image / 2**10, cache.directory,
+                 "; the patch tiles an image does not have take no disk" if sparse else "")
     cache.directory.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache.directory).free
     if free < size * 1.05:

@@ -10,6 +10,7 @@ row through memory maps.
 Image fields: the backbone's per-image outputs (`cached_image`, `cached_patches`, `cached_regions`) with
 `num_tiles` and `image_aspect`; caption fields: `cached_text`, `cached_text_hidden`, `cached_query`. Arrays keep the
 backbone's dtype (bfloat16 is stored as its uint16 bits), so a cached row is bit for bit what the backbone gave.
+Patch rows have a slot per possible tile; only an image's own tiles are written, so the rest take no disk.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from vlm_jax.data import batching
 
 IMAGE_FIELDS = ("cached_image", "cached_patches", "cached_regions", "num_tiles", "image_aspect")
 CAPTION_FIELDS = ("cached_text", "cached_text_hidden", "cached_query")
+# Written tile by tile, only the image's own tiles: the padding tiles after num_tiles stay holes in the sparse file
+# (no disk; read back as the zeros the backbone gave there).
+SPARSE_TILE_FIELDS = ("cached_patches",)
 _STORED_AS = {"bfloat16": np.uint16}  # numpy's .npy header cannot name bfloat16
 
 
@@ -178,14 +182,20 @@ class CacheShard:
         self._open("w+")
 
     def write(self, outputs: Mapping[str, np.ndarray], records: np.ndarray, captions: np.ndarray) -> None:
-        """Rows of one batch (valid rows only): image fields at their images' rows, caption fields at theirs."""
+        """Rows of one batch (valid rows only, with `num_tiles`): image fields at their images' rows, caption
+        fields at theirs."""
         images = self.layout.image_slots(records)
         texts = self.layout.caption_slots(records, captions)
         for field, values in outputs.items():
             array = self._arrays[field]
             if self.spec[field][1] in _STORED_AS:
                 values = np.asarray(values).view(array.dtype)
-            array[images if field in IMAGE_FIELDS else texts] = values
+            if field in SPARSE_TILE_FIELDS:
+                _, first = np.unique(images, return_index=True)  # an image's captions share its row
+                for i in first:
+                    array[images[i], : int(outputs["num_tiles"][i])] = values[i, : int(outputs["num_tiles"][i])]
+            else:
+                array[images if field in IMAGE_FIELDS else texts] = values
 
     def mark_progress(self, batches: int) -> None:
         """Flushes the arrays, then records that the first `batches` batches are on disk."""
@@ -199,9 +209,14 @@ class CacheShard:
         size = sum(os.path.getsize(self._path(f)) for f in self.spec)
         _write_json(self.directory / "complete.json",
                     dict(key=self.key, spec=self.spec, batches=batches, images=self.layout.num_images,
-                         captions=self.layout.num_captions, bytes=size, seconds=round(seconds, 1)))
+                         captions=self.layout.num_captions, bytes=size, disk_bytes=self.disk_bytes(),
+                         seconds=round(seconds, 1)))
         (self.directory / "progress.json").unlink(missing_ok=True)
         self._open("r")
+
+    def disk_bytes(self) -> int:
+        """The disk the arrays take (less than their size where padding tiles are holes)."""
+        return sum(os.stat(self._path(f)).st_blocks * 512 for f in self.spec)
 
     # ---- reading -------------------------------------------------------------------------------------------------
 
