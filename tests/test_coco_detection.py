@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 
 import numpy as np
 import PIL.Image
@@ -178,3 +179,35 @@ def test_pipeline_reads_the_objects(tmp_path):
         np.testing.assert_allclose(batch["scene_boxes"][i][: len(names)], boxes, atol=1e-6)
         assert not batch["scene_boxes"][i][len(names):].any()
     assert not batch["has_box"].any() and not batch["has_relation"].any()
+
+
+def test_caption_counts_are_read_once_per_build(tmp_path, monkeypatch):
+    """A variable number of captions per record is counted by reading every record; evaluations and the feature
+    cache's write pass ask again, so the counts are kept per build, and a rebuilt dataset is read anew."""
+    manual = tmp_path / "manual"
+    _write_coco(manual)
+    c = data_config(name="coco_detection", builder_config="", data_dir=str(tmp_path / "tfds"),
+                    manual_dir=str(manual))
+    builder = pipeline.make_builder(c)
+    source = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+    reads = []
+    original = type(source).__getitem__
+
+    def counted(self, index):
+        reads.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(type(source), "__getitem__", counted)
+    assert pipeline.shard_images(c, "train", 0, 1)[1].tolist() == [2]  # image 7's two captions
+    assert len(reads) == 1
+    assert pipeline.eval_batch_count(c, "train", 1, 1) == 2 and pipeline.shard_images(c, "train", 0, 1)[1].tolist() \
+        == [2]
+    assert len(reads) == 1  # not read again
+
+    # The same directory rebuilt with a third caption: its new dataset_info.json makes the counts be read again.
+    captions = json.loads((manual / "annotations" / "captions_train2017.json").read_text())
+    captions["annotations"].append({"id": 703, "image_id": 7, "caption": "a dog"})
+    (manual / "annotations" / "captions_train2017.json").write_text(json.dumps(captions))
+    shutil.rmtree(tmp_path / "tfds")
+    pipeline.make_builder(c)
+    assert pipeline.shard_images(c, "train", 0, 1)[1].tolist() == [3] and len(reads) == 2

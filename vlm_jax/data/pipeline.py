@@ -81,6 +81,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -389,10 +390,25 @@ def _ensure_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _caption_counts(builder, source) -> list[int]:
+_SCANNED_COUNTS: dict[tuple, list[int]] = {}
+
+
+def _caption_counts(builder, source, split: str) -> list[int]:
     (k,) = builder.info.features["captions"].shape
-    # A fixed number of captions per record needs no scan; a variable one reads every record once.
-    return [k] * len(source) if k else [len(source[i]["captions"]) for i in range(len(source))]
+    if k:  # a fixed number of captions per record needs no scan
+        return [k] * len(source)
+    # A variable one reads every record (COCO's training split: all its image bytes), once per process and build:
+    # evaluations and the feature cache's write pass ask again. A rebuilt dataset rewrites its dataset_info.json.
+    info = epath.Path(builder.data_dir) / "dataset_info.json"
+    try:
+        stat = os.stat(info)
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    except (OSError, TypeError):  # not a local file
+        stamp = None
+    key = (str(builder.data_dir), split, len(source), stamp)
+    if key not in _SCANNED_COUNTS:
+        _SCANNED_COUNTS[key] = [len(source[i]["captions"]) for i in range(len(source))]
+    return list(_SCANNED_COUNTS[key])
 
 
 def shard_images(data_config: ml_collections.ConfigDict, split: str, shard_index: int,
@@ -400,7 +416,7 @@ def shard_images(data_config: ml_collections.ConfigDict, split: str, shard_index
     """(int64[I] the records of `split` shard `shard_index` of `shard_count` reads: shard_index, shard_index +
     shard_count, ...; int64[I] their caption counts), the same images in training and evaluation."""
     builder, source = load_source(data_config, split)
-    counts = np.asarray(_caption_counts(builder, source), np.int64)
+    counts = np.asarray(_caption_counts(builder, source, split), np.int64)
     records = np.arange(shard_index, len(counts), shard_count, dtype=np.int64)
     return records, counts[records]
 
@@ -409,7 +425,7 @@ def eval_batch_count(data_config: ml_collections.ConfigDict, split: str, shard_c
                      local_batch_size: int) -> int:
     """The number of evaluation batches every shard of `split` yields."""
     builder, source = load_source(data_config, split)
-    counts = _caption_counts(builder, source)
+    counts = _caption_counts(builder, source, split)
     return len(_eval_items(counts, 0, shard_count, local_batch_size)) // local_batch_size
 
 
@@ -483,7 +499,7 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
         ds = indices.shuffle(seed=seed).random_map(_RandomCaption(source, encode), seed=seed).repeat(epochs)
         ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=batcher)
     else:
-        items = _eval_items(_caption_counts(builder, source), shard_index, shard_count, local_batch_size)
+        items = _eval_items(_caption_counts(builder, source, split), shard_index, shard_count, local_batch_size)
         items = items[first_batch * local_batch_size:]
         ds = grain.MapDataset.source(items).map(_Pair(source, encode)).batch(local_batch_size, batch_fn=batcher)
     # grain's default reads ahead 500 elements on 16 threads from the moment the iterator exists; on a few cores
