@@ -171,6 +171,7 @@ def test_each_process_shard_holds_its_own_images(run_parts, tmp_path, caplog):
     estimate = [r.getMessage() for r in caplog.records if "MiB (" in r.getMessage()]
     assert len(estimate) == 1 and "64 images, 128 captions" in estimate[0]
     assert f"{done['bytes'] / 2**20:.1f} MiB" in estimate[0]
+    keys = []
     for index in range(2):
         shard, settings = feature_cache.open_shard(cfg, trainer, state, inputs, "validation", root,
                                                    shard_index=index, shard_count=2)
@@ -185,6 +186,12 @@ def test_each_process_shard_holds_its_own_images(run_parts, tmp_path, caplog):
             np.testing.assert_allclose(mine[name], whole[name], rtol=1e-5, atol=1e-5, err_msg=name)
         with pytest.raises(feature_cache.CacheError, match="not in this shard"):
             shard.rows(records + 1, captions)
+        keys.append(shard.directory.parent)
+    # The two shards' caches have other keys: listed as not read by the single-process run, with their disk.
+    others = feature_cache.other_caches(root / "validation", one.key)
+    assert [d for d, _ in others] == sorted(keys)
+    for directory, size in others:
+        assert size >= sum(os.stat(p).st_blocks * 512 for p in directory.glob("*/*.npy")) > 0
 
 
 def _holes_supported(directory: Path) -> bool:

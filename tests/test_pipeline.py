@@ -300,6 +300,13 @@ def test_eval_rows_of_an_image_share_its_tiles(wide_config):
                 assert same == (ids[i] == ids[j])  # each image's tiles once per batch
         distinct = {int(k): int(n) for k, n in zip(ids, batch["num_tiles"])}
         assert len(batch["tiles"]) >= sum(distinct.values())
+    # The tile array is sized for the batch's images, not its rows: the smallest bucket of (the most images a
+    # batch holds) x (4 tiles + thumbnail) that fits.
+    most = max(len(set(batch["image_id"].tolist())) for batch in batches)
+    assert most < 6
+    sizes = batching.bucket_sizes(most * 5, 4)
+    assert [len(b["tiles"]) for b in batches] == [min(n for n in sizes if n >= b["num_tiles"][
+        np.unique(b["image_id"], return_index=True)[1]].sum()) for b in batches]
 
 
 def test_worker_processes_give_the_same_batches(config):

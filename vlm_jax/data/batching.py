@@ -147,11 +147,15 @@ def stack_fields(examples: Sequence[dict], with_keys: bool = False) -> dict:
 
 
 def make_batcher(data_config: ml_collections.ConfigDict, encode, rows: int, *, tile_multiple: int = 1,
-                 share_images: bool, with_keys: bool = False) -> Batcher:
+                 share_images: bool, with_keys: bool = False, images_per_batch: int | None = None) -> Batcher:
     """The batch function for `rows` examples of `encode` (an `_Encoder`, or anything with its `tiles`,
     `use_thumbnail`, `image_size`, `prompts` and `prompt_length`): the tile budget, `tile_buckets` tile-array
-    sizes (multiples of `tile_multiple`) and as many prompt lengths (multiples of 8, none past the longest)."""
+    sizes (multiples of `tile_multiple`) and as many prompt lengths (multiples of 8, none past the longest).
+    `images_per_batch` (with `share_images`): the most distinct images one batch holds; the tile-array sizes stop at
+    their T tiles each (rows sharing an image need no room of their own; re-tiling is as without it)."""
     budget = tile_budget(data_config, rows)
+    if share_images and images_per_batch:
+        budget = min(budget, int(images_per_batch) * tiles_per_image(data_config))
     count = int(data_config.tile_buckets)
     lengths = lambda longest: tuple(sorted({min(n, longest) for n in bucket_sizes(longest, count, 8)}))  # noqa: E731
     lm_sizes = lengths(int(encode.lm_length)) if getattr(encode, "lm_kinds", ()) else ()

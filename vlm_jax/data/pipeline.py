@@ -445,6 +445,12 @@ def _eval_items(counts: Sequence[int], shard_index: int, shard_count: int, local
     return out
 
 
+def _most_images_per_batch(items: np.ndarray, local_batch_size: int) -> int:
+    """The most distinct records in one batch of `_eval_items` (padding rows read record 0's image)."""
+    records = np.sort(items[:, 0].reshape(-1, local_batch_size), axis=1)
+    return int((np.diff(records, axis=1) != 0).sum(axis=1).max()) + 1
+
+
 def scene_size(builder) -> int:
     """N of the scene fields: the builder config's `max_objects` when records list every object, else 0."""
     if "object_names" not in builder.info.features:
@@ -485,11 +491,14 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
                       scene_size=scene_size(builder), with_queries="subjects" in features and "references" in features,
                       lm_kinds=tuple(data_config.get("lm_kinds", ())), lm_length=lm_length(data_config, inputs),
                       with_images=cache is None)
+    if not train:
+        items = _eval_items(_caption_counts(builder, source, split), shard_index, shard_count, local_batch_size)
     if cache is not None:
         batcher = cache.batcher(data_config)
     else:
         batcher = make_batcher(data_config, encode, local_batch_size, tile_multiple=tile_multiple,
-                               share_images=not train, with_keys=with_keys)
+                               share_images=not train, with_keys=with_keys,
+                               images_per_batch=None if train else _most_images_per_batch(items, local_batch_size))
     if train:
         indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
         if len(indices) < local_batch_size:
@@ -499,7 +508,6 @@ def make_iterator(data_config: ml_collections.ConfigDict, inputs: ModelInputs, *
         ds = indices.shuffle(seed=seed).random_map(_RandomCaption(source, encode), seed=seed).repeat(epochs)
         ds = ds.batch(local_batch_size, drop_remainder=True, batch_fn=batcher)
     else:
-        items = _eval_items(_caption_counts(builder, source, split), shard_index, shard_count, local_batch_size)
         items = items[first_batch * local_batch_size:]
         ds = grain.MapDataset.source(items).map(_Pair(source, encode)).batch(local_batch_size, batch_fn=batcher)
     # grain's default reads ahead 500 elements on 16 threads from the moment the iterator exists; on a few cores

@@ -8,7 +8,8 @@ adapters and heads (`config.feature_cache.enabled`).
         key = sha256(backbone weights, model and pooling settings, cached fields, preprocessing and tokenizer,
                      dataset version and split, shard, device kind)           (`key`)
         <feature_cache.dir or workdir/feature_cache>/<split>/<key[:16]>/process_<i>_of_<n>/
-        complete -> read; partial (killed pass) -> resumed after its last flushed batch; damaged -> rebuilt
+        complete -> read; partial (killed pass) -> resumed after its last flushed batch; damaged -> rebuilt;
+        caches of other keys beside it are logged with their size (never read, never deleted)
         write pass: every (image, caption) of the shard in evaluation order, the backbone step
                     (`MultitaskModel.backbone_outputs`), size logged and free disk checked before the first write
     pipeline.make_iterator(..., cache=shard): images are not decoded; batches carry the cached outputs
@@ -21,8 +22,8 @@ uncached run, so a run with the cache trains the same model (tests/test_feature_
 image is cached at its own tiling: the tile budget, a bound on the vision tower's work per batch, does not apply.
 """
 
-from vlm_jax.feature_cache.prepare import cache_root, check_cacheable, open_shard, prepare, write_shard
+from vlm_jax.feature_cache.prepare import cache_root, check_cacheable, open_shard, other_caches, prepare, write_shard
 from vlm_jax.feature_cache.store import CacheError, CacheShard, ShardLayout
 
-__all__ = ["CacheError", "CacheShard", "ShardLayout", "cache_root", "check_cacheable", "open_shard", "prepare",
-           "write_shard"]
+__all__ = ["CacheError", "CacheShard", "ShardLayout", "cache_root", "check_cacheable", "open_shard", "other_caches",
+           "prepare", "write_shard"]

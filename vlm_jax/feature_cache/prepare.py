@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import shutil
 import time
 
@@ -174,6 +175,21 @@ def _create(cache: CacheShard, spec: dict, settings: dict, split: str, shard_ind
     cache.create(spec, settings)
 
 
+def other_caches(split_dir, key: str) -> list[tuple[epath.Path, int]]:
+    """(directory, bytes on disk) of each cache in `split_dir` (root/<split>) whose key is not `key`: written
+    under other weights or settings, never read by this run, left for the user to delete (another run may use
+    them)."""
+    split_dir = epath.Path(split_dir)
+    if not split_dir.exists():
+        return []
+    out = []
+    for directory in sorted(split_dir.iterdir()):
+        if directory.name != key[:16] and directory.is_dir():
+            files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+            out.append((directory, sum(os.stat(f).st_blocks * 512 for f in files)))
+    return out
+
+
 def prepare(trainer, state, config, inputs, workdir: str, splits: tuple[str, ...] | None = None
             ) -> dict[str, CacheShard]:
     """The caches of `splits` (default: the training split and the evaluation splits) for this process, written
@@ -188,6 +204,11 @@ def prepare(trainer, state, config, inputs, workdir: str, splits: tuple[str, ...
     for split in dict.fromkeys(splits):
         cache, settings = open_shard(config, trainer, state, inputs, split, root, shard_index=shard_index,
                                      shard_count=shard_count, weights=weights)
+        others = other_caches(root / split, cache.key)
+        if others:
+            logging.info("Feature cache of %r: %d caches of other weights or settings in %s (%.1f MiB on disk) are "
+                         "not read by this run; delete them if no other run uses them", split, len(others),
+                         root / split, sum(size for _, size in others) / 2**20)
         caches[split] = write_shard(trainer, state, config, inputs, split, cache, settings,
                                     shard_index=shard_index, shard_count=shard_count)
     return caches
