@@ -14,8 +14,8 @@ state and see the same batches:
 `--box_head attention` caches every tile's patch tokens too (the box head attends over them); with `--max_tiles`
 > 1 and `--aspect_ratios` (width / height ratios drawn per image, short side 448) images get different tile counts,
 and `cache_disk_bytes_per_image` (what the files take) is below `cache_bytes_per_image` (their size, every image's
-max_tiles + 1 patch slots). Epoch 1 includes compiling the step in both. Prints one JSON line: seconds per epoch of each, the speed-up of
-epochs 2..n (reference median / cached median) and of a 5-epoch run projected from the measured epochs (epoch 1 +
+max_tiles + 1 patch slots). Epoch 1 includes compiling the step in both. Prints one JSON line: seconds per epoch
+of each, the speed-up of epochs 2..n (reference median / cached median) and of a 5-epoch run projected from the measured epochs (epoch 1 +
 4 x the median of epochs 2..n), the cache's size on disk per image (its 5 captions included) and per pair, and the
 difference of the final losses (the two runs train the same model).
 """

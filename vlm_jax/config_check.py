@@ -109,8 +109,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     need(float(data.tile_budget) == 0 or float(data.tile_budget) >= 1,
          f"data.tile_budget={data.tile_budget}: expected 0 (no limit) or >= 1 tile per image")
     need(int(data.tile_buckets) >= 1, f"data.tile_buckets={data.tile_buckets}: expected >= 1")
-    cache = config.get("feature_cache")
-    if cache is not None and bool(cache.enabled):
+    if feature_cache_enabled(config):
         problems.extend(feature_cache_problems(config))
     if ckpt.best_metric and not unknown:
         problem = _metric_problem(config, {k: tasks.TASKS[k] for k in config.tasks.keys()})
@@ -129,6 +128,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         problems.append(f"mesh={config.mesh.to_dict()}: {err}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def feature_cache_enabled(config: ml_collections.ConfigDict) -> bool:
+    """Whether `config` trains (and evaluates) from the frozen backbone's cached outputs (older configs have no
+    `feature_cache`)."""
+    return bool(config.get("feature_cache", {}).get("enabled", False))
 
 
 def feature_cache_problems(config: ml_collections.ConfigDict) -> list[str]:

@@ -148,7 +148,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     check_splits(config, train=False)
     run = restore_run(workdir, step, config)
     caches = {}
-    if config.get("feature_cache", {}).get("enabled", False):
+    if config_check.feature_cache_enabled(config):
         from vlm_jax import feature_cache
 
         caches = feature_cache.prepare(run.trainer, run.state, config, run.inputs, workdir,

@@ -96,7 +96,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
     runs.check_splits(config, train=True)
     num_steps = resolve_num_train_steps(config)
     trainer = make_trainer(config, mesh, num_steps, backbone.config)
-    caching = bool(config.get("feature_cache", {}).get("enabled", False))
+    caching = config_check.feature_cache_enabled(config)
     if caching:
         from vlm_jax import feature_cache
 

@@ -193,7 +193,8 @@ class CacheShard:
             if field in SPARSE_TILE_FIELDS:
                 _, first = np.unique(images, return_index=True)  # an image's captions share its row
                 for i in first:
-                    array[images[i], : int(outputs["num_tiles"][i])] = values[i, : int(outputs["num_tiles"][i])]
+                    n = int(outputs["num_tiles"][i])
+                    array[images[i], :n] = values[i, :n]
             else:
                 array[images if field in IMAGE_FIELDS else texts] = values
 
