@@ -127,6 +127,21 @@ def test_a_full_disk_names_errno_28_then_a_resume_equals_the_uninterrupted_run(p
     assert r["leftovers"] == ["4", "6", "8"]  # no half-written directory left
 
 
+def test_a_write_error_without_a_file_name_is_named_with_the_checkpoint_directory():
+    """A full disk can surface from write() or flush(), whose OSError names no file (here: /dev/full, ENOSPC on every
+    write); the checkpoint layer names the step's directory instead, and leaves named errors as they are."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    with pytest.raises(OSError) as raised, open("/dev/full", "wb", buffering=0) as full:
+        full.write(b"x")
+    assert raised.value.filename is None
+    named = run_checkpoints._os_error(raised.value, "/w/checkpoints/4")
+    assert isinstance(named, OSError) and named.errno == 28
+    assert str(named) == "[Errno 28] No space left on device: '/w/checkpoints/4'"
+    already = OSError(28, "No space left on device", "/w/checkpoints/4/model/x")
+    assert run_checkpoints._os_error(already, "/elsewhere") is already
+
+
 # ---- workdir safety ------------------------------------------------------------------------------------------------
 
 def test_a_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(played):

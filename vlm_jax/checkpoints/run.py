@@ -56,16 +56,21 @@ def _grain_restore(data_iter):
     return grain.checkpoint.CheckpointRestore(data_iter)
 
 
-def _os_error(err: BaseException) -> BaseException:
-    """The OS error inside an orbax / TensorStore write failure (``[os_error_code='28']`` in its text), as an
-    ``OSError(errno, strerror, path)``; other errors unchanged."""
+def _os_error(err: BaseException, where: str) -> BaseException:
+    """The OS error of a failed checkpoint write as an ``OSError(errno, strerror, path)``: from an orbax /
+    TensorStore failure (``[os_error_code='28']`` in its text), or an OSError that names no file (a failed write()
+    or flush), the path then being ``where`` (the step's checkpoint directory); other errors unchanged."""
+    if isinstance(err, OSError):
+        if err.filename or err.errno is None:
+            return err
+        return OSError(err.errno, err.strerror or os.strerror(err.errno), where)
     text = str(err)
     code = re.search(r"os_error_code='(\d+)'", text)
     if not code:
         return err
     path = re.search(r'Failed (?:writing|to write|to open)[^"]*"([^"]+)"', text)
     errno = int(code.group(1))
-    return OSError(errno, os.strerror(errno), path.group(1) if path else None)
+    return OSError(errno, os.strerror(errno), path.group(1) if path else where)
 
 
 class RunCheckpoints:
@@ -108,7 +113,7 @@ class RunCheckpoints:
         try:
             self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
         except Exception as err:
-            cause = _os_error(err)
+            cause = _os_error(err, self._path(step))
             if cause is err:
                 raise
             raise cause from err
@@ -119,7 +124,8 @@ class RunCheckpoints:
         try:
             self.manager.wait_until_finished()
         except Exception as err:
-            cause = _os_error(err)
+            step = self._pending[0] if self._pending is not None else None
+            cause = _os_error(err, self._path(step) if step is not None else self.directory)
             if cause is err:
                 raise
             raise cause from err
